@@ -1,0 +1,66 @@
+# The companion's entry points. `make figures` and `make test` are all a user needs; both create .venv first.
+PROFILE ?= quick
+DEVICE  ?= cpu
+JOBS    ?= 2
+PYTHON  ?= python3
+PY      := .venv/bin/python
+NOTEBOOKS := $(sort $(wildcard notebooks/*/*.ipynb))
+EXECUTED  := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
+PAPERS    := mpe lpntk regularity laftr
+
+.PHONY: help env figures $(addprefix figures-,$(PAPERS)) test unit lab references data clean
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@echo "make figures [PROFILE=quick|paper] [DEVICE=cpu|cuda|mps|auto] [JOBS=2]  run every notebook -> figures/<profile>/"
+	@echo "make figures-<paper>   only one paper's notebooks ($(PAPERS))"
+	@echo "make test              unit tests + nbval regression checks of every notebook (quick profile)"
+	@echo "make unit              unit tests only"
+	@echo "make lab               JupyterLab on notebooks/"
+	@echo "make references        re-execute notebooks in place: refresh the stored nbval references"
+	@echo "make data              download and verify MNIST, Fashion-MNIST, CIFAR-10 (needs internet)"
+	@echo "make env               create .venv (torch CPU build pinned first)"
+	@echo "make clean             remove build products and caches (keeps figures/ and downloaded data)"
+
+.venv/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build on disk, so that nothing later pulls CUDA wheels
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev]'
+	touch $@
+
+env: .venv/.installed
+
+figures: env
+	$(MAKE) -j$(JOBS) --no-print-directory $(EXECUTED)
+	$(PY) -m mpe.harness summary --profile $(PROFILE)
+
+$(addprefix figures-,$(PAPERS)): figures-%: env
+	$(MAKE) -j$(JOBS) --no-print-directory $(filter build/$(PROFILE)/$*/%,$(EXECUTED))
+	$(PY) -m mpe.harness summary --profile $(PROFILE)
+
+build/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(wildcard mpe/*.py) $(wildcard params/paper/*.yaml) | env
+	$(PY) -m mpe.harness run $< --profile $(PROFILE) --device $(DEVICE)
+
+# One pytest run: unit tests and every notebook (nbval-lax compares the claims-check cells with the stored outputs).
+# Figures written while testing go to build/test-figures, not into the tracked figures/.
+test: env
+	MPE_FIGURES_DIR=build/test-figures MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile \
+		--nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks
+
+unit: env
+	MPE_OFFLINE=1 $(PY) -m pytest -n $(JOBS) tests
+
+lab: env
+	$(PY) -m jupyter lab notebooks/
+
+references: env
+	$(PY) -m mpe.harness references $(NOTEBOOKS)
+
+data: env
+	$(PY) -c "from mpe.data import load; [print(n, load(n, download=True).x_train.shape) for n in ('mnist', 'fmnist', 'cifar10')]"
+
+clean:
+	rm -rf build .pytest_cache *.egg-info
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

@@ -1,0 +1,301 @@
+r"""Per-example Jacobians and gradients, GGN posteriors (full, diagonal, K-FAC), optimiser variances, and the GLM
+predictive covariance V_i = J_i S⁻¹ J_iᵀ.
+
+Notation: f_i(θ) ∈ R^K are the logits of example i, J_i = ∂f_i/∂θ ∈ R^{K×P}, p_i = softmax(f_i) and
+Λ_i = diag(p_i) − p_i p_iᵀ the softmax Hessian. The generalised Gauss–Newton on the sum scale is
+G = Σ_i J_iᵀ Λ_i J_i, and the posterior precision is S = G + δ I (δ = prior precision).
+
+A *posterior* here is one of three small objects holding S (or its factors):
+
+- ``("full", S)``            S (P, P)
+- ``("diag", s)``            s (P,), S = diag(s)
+- ``("kfac", layers, δ)``    per Linear/Conv2d layer, eigen-decomposed Kronecker factors of G plus δ I.
+
+``predictive_covariance(model, x, posterior)`` returns V (N, K, K) for any of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+__all__ = ["jacobians", "per_example_grads", "softmax_hessian", "sqrt_softmax_hessian", "ggn_full", "ggn_diag",
+           "kfac_factors", "Posterior", "full_posterior", "diag_posterior", "kfac_posterior", "ivon_posterior",
+           "adam_posterior", "predictive_covariance", "auto_chunk"]
+
+
+def auto_chunk(k: int, p: int, budget: float = 5e7) -> int:
+    """Examples per Jacobian chunk so that a (chunk, K, P) tensor holds about ``budget`` floats."""
+    return max(1, int(budget // max(k * p, 1)))
+
+
+def _functional(model: nn.Module):
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+
+    def f(prm, x1):  # one example x1 (C, H, W) -> logits (K,)
+        return functional_call(model, (prm, buffers), (x1.unsqueeze(0),)).squeeze(0)
+
+    return f, params, names
+
+
+def jacobians(model: nn.Module, x: torch.Tensor, chunk: int | None = None):
+    """Yield (slice, J) with J (n, K, P) the per-example Jacobians of the logits, in chunks of ``chunk`` examples.
+
+    Computed with ``vmap(jacrev(functional_call))`` at the current parameters, in eval mode.
+    """
+    f, params, names = _functional(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    jac = vmap(jacrev(f), in_dims=(None, 0))
+    with torch.no_grad():
+        k = model(x[:1].to(device)).shape[1]
+    p = sum(v.numel() for v in params.values())
+    chunk = chunk or auto_chunk(k, p)
+    try:
+        for start in range(0, len(x), chunk):
+            xb = x[start:start + chunk].to(device)
+            js = jac(params, xb)
+            yield slice(start, start + len(xb)), torch.cat([js[n].reshape(len(xb), k, -1) for n in names], dim=2)
+    finally:
+        model.train(was_training)
+
+
+def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients of the cross-entropy ∇ℓ_i = J_iᵀ(p_i − y_i), shape (N, P)."""
+    f, params, names = _functional(model)
+    device = next(model.parameters()).device
+
+    def loss(prm, x1, y1):
+        return F.cross_entropy(f(prm, x1).unsqueeze(0), y1.unsqueeze(0))
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.to(device), y.to(device))
+    return torch.cat([g[n].reshape(len(x), -1) for n in names], dim=1)
+
+
+def softmax_hessian(p: torch.Tensor) -> torch.Tensor:
+    """Λ = diag(p) − p pᵀ for probabilities p (N, K); returns (N, K, K)."""
+    return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+
+
+def sqrt_softmax_hessian(p: torch.Tensor) -> torch.Tensor:
+    """L with L Lᵀ = Λ: L = diag(√p) − p √pᵀ (column c is √p_c (e_c − p)); shape (N, K, K)."""
+    s = p.clamp_min(0).sqrt()
+    return torch.diag_embed(s) - p.unsqueeze(2) * s.unsqueeze(1)
+
+
+def _probs(model, x):
+    from .train import predict
+
+    return torch.softmax(predict(model, x), dim=1)
+
+
+def ggn_full(model: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """G = Σ_i J_iᵀ Λ_i J_i, shape (P, P). Only for small models (P up to a few thousand)."""
+    probs, out = _probs(model, x), None
+    for sl, J in jacobians(model, x, chunk):
+        M = torch.einsum("nkp,nkc->ncp", J, sqrt_softmax_hessian(probs[sl])).reshape(-1, J.shape[2])
+        out = M.T @ M if out is None else out + M.T @ M
+    return out
+
+
+def ggn_diag(model: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """diag(G) = Σ_i Σ_c (J_iᵀ L_i[:, c])², shape (P,)."""
+    probs, out = _probs(model, x), 0
+    for sl, J in jacobians(model, x, chunk):
+        out = out + torch.einsum("nkp,nkc->ncp", J, sqrt_softmax_hessian(probs[sl])).pow(2).sum((0, 1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# K-FAC for Linear and Conv2d ("expand" convention for convolutions: spatial positions count as examples)
+# --------------------------------------------------------------------------------------------------------------
+def _layers(model: nn.Module):
+    """(module, weight offset, bias offset or None) for each Linear/Conv2d; error for other parametrised modules."""
+    offsets, i = {}, 0
+    for p in model.parameters():
+        offsets[id(p)] = i
+        i += p.numel()
+    out = []
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if not own:
+            continue
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            raise NotImplementedError(f"K-FAC supports Linear and Conv2d layers only; {type(m).__name__} has "
+                                      "parameters (use a full or diagonal posterior for this model)")
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise NotImplementedError("K-FAC for grouped convolutions is not implemented")
+        out.append((m, offsets[id(m.weight)], None if m.bias is None else offsets[id(m.bias)]))
+    return out
+
+
+def _layer_inputs(m, inp):
+    """Rows a (N, T, D): inputs (unfolded patches for conv) with a trailing 1 for the bias."""
+    if isinstance(m, nn.Linear):
+        a = inp.reshape(inp.shape[0], 1, -1)
+    else:
+        a = F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+    if m.bias is not None:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
+    return a
+
+
+@dataclass
+class Posterior:
+    """A Gaussian posterior precision S in one of the forms listed in the module docstring."""
+
+    kind: str
+    data: object
+    delta: float = 0.0
+
+
+def kfac_factors(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> list[tuple]:
+    r"""Kronecker factors (A, G, count) per layer with G_layer ≈ (1/count) A ⊗ G (exact GGN in Kronecker shape).
+
+    A = Σ_{i,t} a_it a_itᵀ (inputs with a bias 1), G = Σ_{i,t,c} g_itc g_itcᵀ with g_itc = ∂(L_i[:, c]ᵀ f_i)/∂s_it
+    the output gradient of the c-th column of the softmax-Hessian square root; count = N·T.
+    For one example and one spatial position this is the exact GGN block.
+    """
+    layers = _layers(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    store = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: store.__setitem__(m, (i[0].detach(), o))) for m, _, _ in layers]
+    A = [0] * len(layers)
+    G = [0] * len(layers)
+    count = [0] * len(layers)
+    try:
+        for s in range(0, len(x), batch_size):
+            xb = x[s:s + batch_size].to(device)
+            store.clear()
+            logits = model(xb)
+            L = sqrt_softmax_hessian(torch.softmax(logits.detach(), 1))
+            outs = [store[m][1] for m, _, _ in layers]
+            for j, (m, _, _) in enumerate(layers):
+                a = _layer_inputs(m, store[m][0])
+                A[j] = A[j] + torch.einsum("ntd,nte->de", a, a)
+                count[j] += a.shape[0] * a.shape[1]
+            K = logits.shape[1]
+            for c in range(K):
+                gs = torch.autograd.grad((logits * L[:, :, c]).sum(), outs, retain_graph=c < K - 1)
+                for j, g in enumerate(gs):
+                    g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)  # (N, T, out)
+                    G[j] = G[j] + torch.einsum("nto,ntq->oq", g, g)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [(a.detach(), g.detach(), c) for a, g, c in zip(A, G, count)]
+
+
+def kfac_posterior(model: nn.Module, x: torch.Tensor, delta: float, batch_size: int = 256) -> Posterior:
+    """K-FAC Laplace: S ≈ blockdiag((1/count) A ⊗ G) + δ I, stored as eigen-decompositions of A and G."""
+    if delta <= 0:
+        raise ValueError("the K-FAC posterior needs a positive prior precision delta")
+    eig = []
+    for A, G, count in kfac_factors(model, x, batch_size):
+        la, Ua = torch.linalg.eigh(A)
+        lg, Ug = torch.linalg.eigh(G)
+        eig.append((Ua, la.clamp_min(0), Ug, lg.clamp_min(0), count))
+    return Posterior("kfac", eig, delta)
+
+
+def full_posterior(model: nn.Module, x: torch.Tensor, delta: float) -> Posterior:
+    g = ggn_full(model, x)
+    return Posterior("full", g + delta * torch.eye(len(g), dtype=g.dtype, device=g.device), delta)
+
+
+def diag_posterior(model: nn.Module, x: torch.Tensor, delta: float) -> Posterior:
+    return Posterior("diag", ggn_diag(model, x) + delta, delta)
+
+
+def ivon_posterior(optimizer) -> Posterior:
+    """IVON/iBLR: σ² = 1/(ess·(h + wd)), i.e. S = diag(N h + δ) with wd = δ/N, ess = N (MPE notes §1.11)."""
+    g = optimizer.param_groups[0]
+    return Posterior("diag", g["ess"] * (g["hess"] + g["weight_decay"]), g["ess"] * g["weight_decay"])
+
+
+def adam_posterior(optimizer, n: int, delta: float) -> Posterior:
+    """Adam (Fig. 10): S = diag(N √v + δ), v Adam's (uncorrected) second moment, in parameter order."""
+    v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for g in optimizer.param_groups
+                   for p in g["params"]])
+    return Posterior("diag", n * v.sqrt() + delta, delta)
+
+
+def _layer_io(model, x, batch_size=256):
+    """Yield (slice, logits, [(a (n, T, D), g (n, K, T, out)) per layer]): layer inputs and ∂f_k/∂s per example."""
+    layers = _layers(model)
+    device = next(model.parameters()).device
+    store = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: store.__setitem__(m, (i[0].detach(), o))) for m, _, _ in layers]
+    try:
+        for s in range(0, len(x), batch_size):
+            xb = x[s:s + batch_size].to(device)
+            store.clear()
+            logits = model(xb)
+            outs = [store[m][1] for m, _, _ in layers]
+            K = logits.shape[1]
+            grads = [[] for _ in layers]
+            for k in range(K):  # examples are independent in eval mode, so one backward of Σ_i f_ik gives ∂f_ik/∂s_i
+                for j, g in enumerate(torch.autograd.grad(logits[:, k].sum(), outs, retain_graph=k < K - 1)):
+                    grads[j].append(g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2))
+            yield slice(s, s + len(xb)), logits.detach(), [
+                (_layer_inputs(m, store[m][0]), torch.stack(grads[j], 1)) for j, (m, _, _) in enumerate(layers)]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _kfac_cov(model, x, post, batch_size=256):
+    r"""V_i = Σ_layers J̃_i P̃⁻¹ J̃_iᵀ in the Kronecker eigenbasis, from layer inputs and output gradients.
+
+    For a layer, ∂f_ik/∂W = Σ_t g_ikt a_itᵀ; in the eigenbasis J̃_k = Σ_t (U_Gᵀ g_ikt)(U_Aᵀ a_it)ᵀ and the precision
+    is diagonal there, λ^G_o λ^A_j / count + δ. A rank-one shortcut (T = 1) avoids forming J̃ for dense layers.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for _, logits, io in _layer_io(model, x, batch_size):
+            n, k = logits.shape
+            V = torch.zeros(n, k, k, dtype=logits.dtype, device=logits.device)
+            for (a, g), (Ua, la, Ug, lg, count) in zip(io, post.data):
+                at, gt = a @ Ua, g @ Ug  # (n, T, D), (n, K, T, out)
+                prec = lg[:, None] * la[None, :] / count + post.delta  # (out, D)
+                if a.shape[1] == 1:
+                    w = at[:, 0].pow(2) @ (1 / prec).T  # (n, out): Σ_j ã_j² / prec_oj
+                    V += torch.einsum("nko,nlo,no->nkl", gt[:, :, 0], gt[:, :, 0], w)
+                else:
+                    Jt = torch.einsum("nkto,ntd->nkod", gt, at)
+                    V += torch.einsum("nkod,nlod->nkl", Jt / prec, Jt)
+            out.append(V)
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def predictive_covariance(model: nn.Module, x: torch.Tensor, posterior: Posterior, chunk: int | None = None
+                          ) -> torch.Tensor:
+    """GLM predictive covariance of the logits V_i = J_i S⁻¹ J_iᵀ for every example, shape (N, K, K)."""
+    if posterior.kind == "kfac":
+        return _kfac_cov(model, x, posterior)
+    out = []
+    if posterior.kind == "full":
+        chol = torch.linalg.cholesky(posterior.data)
+    for _, J in jacobians(model, x, chunk):
+        if posterior.kind == "diag":
+            out.append(torch.einsum("nkp,nlp->nkl", J / posterior.data, J))
+        elif posterior.kind == "full":
+            Z = torch.linalg.solve_triangular(chol, J.reshape(-1, J.shape[2]).T, upper=False)  # L⁻¹ Jᵀ
+            Z = Z.T.reshape(J.shape)
+            out.append(torch.einsum("nkp,nlp->nkl", Z, Z))
+        else:
+            raise ValueError(f"unknown posterior kind {posterior.kind!r}; valid: full, diag, kfac")
+    return torch.cat(out)

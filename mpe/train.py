@@ -1,0 +1,199 @@
+r"""One training loop for every experiment, with callbacks for per-example statistics.
+
+Conventions (MPE notes §1.11): the objective is on the *sum* scale
+
+    L(θ) = Σ_i ℓ_i(θ) + δ/2 ‖θ‖²,
+
+with δ the prior precision. Minibatch optimisers minimise L/N per step, i.e. mean cross-entropy over the batch plus
+(δ/N)/2 ‖θ‖² (SGD, Adam, L-BFGS: an explicit L2 term; AdamW: decoupled weight decay δ/N and no explicit term; IVON:
+``weight_decay = δ/N``, ``ess = N`` and no explicit term). The learning rate follows a cosine schedule from ``lr`` to
+``lr_min`` over the epochs, stepped once per epoch. ``optimizer="lbfgs"`` runs full-batch L-BFGS with a strong-Wolfe
+line search for ``epochs`` iterations: a deterministic, converged minimiser for small problems.
+
+A callback is any object with ``on_epoch_end(state)`` and/or ``on_batch_end(state, idx, logits, y)`` methods;
+``state`` carries ``model``, ``optimizer``, ``epoch``, ``step`` and ``n``. Every paper's statistics (correctness,
+loss, forgetting events, ...) are callbacks, not new loops.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["train", "predict", "nll_and_error", "OPTIMIZERS", "PerExampleRecorder", "flat_params",
+           "set_flat_params", "l2_objective"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """All parameters as one detached vector (P,), in ``model.parameters()`` order."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@torch.no_grad()
+def set_flat_params(model: nn.Module, theta: torch.Tensor) -> None:
+    i = 0
+    for p in model.parameters():
+        p.copy_(theta[i:i + p.numel()].view_as(p))
+        i += p.numel()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """Logits (N, K) in eval mode, batched."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def nll_and_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean negative log-likelihood and error rate on (x, y)."""
+    logits = predict(model, x)
+    y = y.to(logits.device)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) != y).float().mean().item()
+
+
+def l2_objective(model, x, y, delta: float, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L(θ)/N = (1/N)[Σ_i w_i ℓ_i(θ) + δ/2 ‖θ‖²] over the given examples (w_i = 1 by default)."""
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    data = losses.sum() if weights is None else (weights * losses).sum()
+    reg = sum((p * p).sum() for p in model.parameters())
+    return (data + 0.5 * delta * reg) / n
+
+
+@dataclass
+class PerExampleRecorder:
+    """Callback recording per-example quantities of (x, y) at the end of every epoch.
+
+    ``metrics`` maps a name to ``fn(logits, y) -> (N,)``; defaults: ``correct`` and ``loss``. After training,
+    ``self.history[name]`` is a tensor (epochs, N).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    metrics: dict = field(default_factory=lambda: {
+        "correct": lambda logits, y: (logits.argmax(1) == y).float(),
+        "loss": lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
+    })
+    history: dict = field(default_factory=dict)
+
+    def on_epoch_end(self, state) -> None:
+        logits = predict(state.model, self.x)
+        y = self.y.to(logits.device)
+        for name, fn in self.metrics.items():
+            self.history.setdefault(name, []).append(fn(logits, y).cpu())
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {k: torch.stack(v) for k, v in self.history.items()}
+
+
+def _make_optimizer(name, params, *, lr, momentum, delta, n, hess_init, beta2, mc_samples):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=delta / n)
+    if name == "ivon":
+        import ivon
+
+        return ivon.IVON(params, lr=lr, ess=n, weight_decay=delta / n, hess_init=hess_init, beta2=beta2,
+                         mc_samples=mc_samples)
+    raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, optimizer: str = "sgd",
+          batch_size: int | None = 256, lr_min: float = 0.0, momentum: float = 0.9, delta: float = 0.0,
+          shuffle: bool = True, seed: int = 0, callbacks=(), hess_init: float = 0.1, beta2: float = 0.99999,
+          mc_samples: int = 1, progress: bool = False, tol: float = 1e-9) -> SimpleNamespace:
+    """Train ``model`` in place on (x (N, ...), y (N,)) and return ``state`` (model, optimizer, losses per epoch).
+
+    ``batch_size=None`` means full batch. The optimiser object is returned in ``state.optimizer`` so that its
+    preconditioner (IVON's Hessian, Adam's second moment) can be read as a variance.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+    if epochs < 0 or lr <= 0:
+        raise ValueError(f"need epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    n = len(x)
+    model.train()
+    state = SimpleNamespace(model=model, optimizer=None, epoch=0, step=0, n=n, losses=[])
+
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=max(epochs, 1), history_size=50,
+                                tolerance_grad=tol, tolerance_change=tol * 1e-3, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = l2_objective(model, x, y, delta, n)
+            loss.backward()
+            return loss
+
+        if epochs:
+            opt.step(closure)
+        state.optimizer, state.epoch, state.step = opt, epochs, opt.state[opt._params[0]].get("n_iter", 0)
+        state.losses.append(l2_objective(model, x, y, delta, n).item())
+        for cb in callbacks:
+            getattr(cb, "on_epoch_end", lambda s: None)(state)
+        return state
+
+    opt = _make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, delta=delta, n=n,
+                          hess_init=hess_init, beta2=beta2, mc_samples=mc_samples)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr_min)
+    state.optimizer = opt
+    explicit_l2 = optimizer in ("sgd", "adam")
+    bs = n if batch_size is None else batch_size
+    g = torch.Generator().manual_seed(seed)
+    epochs_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs_iter = tqdm(epochs_iter, desc=f"train ({optimizer})", leave=False)
+    for epoch in epochs_iter:
+        order = torch.randperm(n, generator=g).to(device) if shuffle else torch.arange(n, device=device)
+        total = 0.0
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            xb, yb = x[idx], y[idx]
+
+            def step_loss():
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                if explicit_l2 and delta:
+                    loss = loss + 0.5 * (delta / n) * sum((p * p).sum() for p in model.parameters())
+                return logits, loss
+
+            opt.zero_grad()
+            if optimizer == "ivon":
+                for _ in range(mc_samples):
+                    with opt.sampled_params(train=True):
+                        logits, loss = step_loss()
+                        loss.backward()
+            else:
+                logits, loss = step_loss()
+                loss.backward()
+            opt.step()
+            state.step += 1
+            total += loss.item() * len(idx)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower lr")
+            for cb in callbacks:
+                if hasattr(cb, "on_batch_end"):
+                    cb.on_batch_end(state, idx, logits.detach(), yb)
+        sched.step()
+        state.epoch = epoch + 1
+        state.losses.append(total / n)
+        for cb in callbacks:
+            if hasattr(cb, "on_epoch_end"):
+                cb.on_epoch_end(state)
+    return state

@@ -1,0 +1,61 @@
+"""MPE estimators: identities, and estimate vs brute-force leave-one-out on a convex model."""
+import pytest
+import torch
+from torch import nn
+
+from mpe import curvature as C
+from mpe.sensitivity import FORMS, deviation, logit_shift, loo_nll, residuals, sensitivity
+from mpe.train import predict, train
+
+
+def test_residuals_sum_to_zero_and_are_clamped():
+    e = residuals(torch.tensor([[50.0, 0.0, 0.0]]), torch.tensor([0]))
+    assert e.abs().min() >= 1e-10 and abs(e.sum().item()) < 1e-6
+
+
+def test_diag_form_is_the_official_per_class_formula():
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    V = torch.diag(torch.tensor([0.3, 0.5, 0.2])).unsqueeze(0) + 0.01
+    e = p - torch.tensor([[0.0, 1.0, 0.0]])
+    want = (p * (1 - p) * V.diagonal(dim1=1, dim2=2) * e).abs().sum(1)
+    torch.testing.assert_close(sensitivity(p, V, e, "diag"), want)
+
+
+def test_loo_nll_with_zero_variance_is_the_training_nll():
+    logits, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    for form in FORMS:
+        torch.testing.assert_close(loo_nll(logits, y, torch.zeros(6, 4, 4), form),
+                                   nn.functional.cross_entropy(logits, y))
+
+
+def test_unknown_form_lists_choices():
+    with pytest.raises(ValueError, match="valid choices: diag, full, newton"):
+        deviation(torch.ones(1, 2) / 2, torch.zeros(1, 2, 2), torch.zeros(1, 2), "exact")
+
+
+def test_estimates_track_true_leave_one_out_for_softmax_regression(f64):
+    """Convex model, exact GGN: the full and Newton forms match brute-force removal; Newton is the closer one."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 60, 3
+    x = torch.randn(n, 1, 1, 4, generator=g)
+    y = (x.flatten(1) @ torch.randn(4, k, generator=g)).argmax(1)
+    delta = 2.0
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, k)).double()
+    train(model, x, y, optimizer="lbfgs", lr=1, epochs=500, delta=delta, tol=1e-12)
+    theta = [p.detach().clone() for p in model.parameters()]
+    V = C.predictive_covariance(model, x, C.full_posterior(model, x, delta))
+    p = torch.softmax(predict(model, x), 1)
+    e = residuals(predict(model, x), y, clamp=False)
+    est = {f: deviation(p, V, e, f) for f in ("full", "newton")}
+    errs = {"full": [], "newton": []}
+    for i in range(8):
+        keep = torch.arange(n) != i
+        with torch.no_grad():
+            for q, t in zip(model.parameters(), theta):
+                q.copy_(t)
+        train(model, x[keep], y[keep], optimizer="lbfgs", lr=1, epochs=500, delta=delta, tol=1e-12)
+        true = torch.softmax(predict(model, x[i:i + 1]), 1)[0] - p[i]
+        for f in errs:
+            errs[f].append(((est[f][i] - true).norm() / true.norm()).item())
+    assert max(errs["full"]) < 0.3
+    assert sum(errs["newton"]) < sum(errs["full"])
