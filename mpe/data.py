@@ -240,15 +240,21 @@ def fetch(name: str, spec: FileSpec, download: bool | None = None) -> Path:
 
     target = cache_dir() / name
     target.mkdir(parents=True, exist_ok=True)
-    errors = []
+    errors, corrupt = [], []
     for mirror in REGISTRY[name]["mirrors"]:
         with tempfile.TemporaryDirectory(dir=target, prefix=".part-") as tmp:
             try:
-                got = Path(pooch.retrieve(mirror + spec.name, known_hash=None, fname=spec.name, path=tmp,
-                                          progressbar=False))
+                logger = pooch.get_logger()
+                level = logger.level
+                logger.setLevel("WARNING")  # pooch logs a "use this hash" hint; we verify ourselves below
+                try:
+                    got = Path(pooch.retrieve(mirror + spec.name, known_hash=None, fname=spec.name, path=tmp,
+                                              progressbar=False))
+                finally:
+                    logger.setLevel(level)
                 verify(got, spec, members)
             except ChecksumError as err:
-                errors.append(str(err))
+                corrupt.append(f"{mirror}{spec.name}: {err}")
                 continue
             except Exception as err:  # network errors of any kind: try the next mirror
                 errors.append(f"{mirror}{spec.name}: {type(err).__name__}: {err}")
@@ -256,8 +262,8 @@ def fetch(name: str, spec: FileSpec, download: bool | None = None) -> Path:
             final = target / spec.name
             os.replace(got, final)
             return final
-    if errors and all("content does not match" in e or "corrupt" in e for e in errors):
-        raise ChecksumError("; ".join(errors))
+    if corrupt:  # something was served, but not the right data: say so rather than "not available"
+        raise ChecksumError("; ".join(corrupt + errors))
     raise DataNotAvailable(f"{name}: {spec.name} not found in {searched} and could not be downloaded "
                            f"({'; '.join(errors)}). {how}.")
 
@@ -344,10 +350,10 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
     mean, std = (torch.tensor(v, dtype=dtype).view(1, -1, 1, 1) for v in stats)
 
     def prep(x):
-        return (torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype) - mean) / std
+        return (torch.from_numpy(np.array(x, dtype=np.float64)).to(dtype) - mean) / std
 
-    return Data(name, prep(x_tr), torch.as_tensor(np.asarray(y_tr), dtype=torch.long), prep(x_te),
-                torch.as_tensor(np.asarray(y_te), dtype=torch.long), _CLASSES[name])
+    return Data(name, prep(x_tr), torch.tensor(np.asarray(y_tr), dtype=torch.long), prep(x_te),
+                torch.tensor(np.asarray(y_te), dtype=torch.long), _CLASSES[name])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+"""Loaders, verification and downloads, on small files the tests write in the real formats."""
+import gzip
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mpe import data as D
+
+
+def md5(b):
+    return "md5:" + hashlib.md5(b).hexdigest()
+
+
+def idx_payload(arr):
+    arr = np.asarray(arr, np.uint8)
+    import struct
+    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path, monkeypatch):
+    """A 20/10-example MNIST in IDX format, registered under 'mnist' with content hashes, in $MPE_DATA_DIR."""
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (20, 28, 28)),
+              "train-labels-idx1-ubyte.gz": np.arange(20) % 10,
+              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (10, 28, 28)),
+              "t10k-labels-idx1-ubyte.gz": np.arange(10) % 10}
+    src = tmp_path / "data" / "mnist"
+    src.mkdir(parents=True)
+    specs = []
+    for name, arr in arrays.items():
+        D.write_idx(arr, src / name)
+        specs.append(D.FileSpec(name, "sha256:" + "0" * 64, md5(idx_payload(arr))))
+    monkeypatch.setitem(D.REGISTRY, "mnist", dict(mirrors=[], files=specs, local_dirs=[]))
+    monkeypatch.setenv("MPE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MPE_CACHE_DIR", str(tmp_path / "cache"))
+    return src, arrays, specs
+
+
+def test_idx_round_trip_and_errors(tmp_path):
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(D.read_idx(idx_payload(arr)), arr)
+    with pytest.raises(ValueError, match="magic"):
+        D.read_idx(b"\x01\x00\x08\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="header says"):
+        D.read_idx(idx_payload(arr)[:-3])
+
+
+def test_load_mnist_from_idx_files(tiny_mnist):
+    d = D.load("mnist")
+    assert d.x_train.shape == (20, 1, 28, 28) and d.x_test.shape == (10, 1, 28, 28)
+    assert d.y_train.tolist() == (np.arange(20) % 10).tolist()
+    _, arrays, _ = tiny_mnist
+    want = (arrays["train-images-idx3-ubyte.gz"][0] / 255.0 - 0.1307) / 0.3081
+    assert np.allclose(d.x_train[0, 0].numpy(), want, atol=1e-5)
+
+
+def test_other_gzip_encoding_of_same_content_passes(tiny_mnist):
+    src, arrays, specs = tiny_mnist
+    name = "train-images-idx3-ubyte.gz"
+    D.write_idx(arrays[name], src / name, compresslevel=1, filename_in_header=False)
+    D.verify(src / name, specs[0])  # different archive bytes, same decoded content
+    assert D.load("mnist").x_train.shape[0] == 20
+
+
+def test_corrupt_and_truncated_files_name_the_file(tiny_mnist):
+    src, arrays, specs = tiny_mnist
+    path = src / "train-images-idx3-ubyte.gz"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(D.ChecksumError, match="train-images-idx3-ubyte.gz"):
+        D.load("mnist")
+    arr = arrays["train-images-idx3-ubyte.gz"].copy()
+    arr[0, 0, 0] ^= 1
+    D.write_idx(arr, path)
+    with pytest.raises(D.ChecksumError, match="train-images-idx3-ubyte.gz"):
+        D.load("mnist")
+
+
+def test_offline_without_copy_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(D.REGISTRY, "mnist", dict(D.REGISTRY["mnist"], local_dirs=[]))
+    with pytest.raises(D.DataNotAvailable, match=r"train-images-idx3-ubyte.gz.*MPE_DATA_DIR"):
+        D.load("mnist", download=False)
+
+
+class _Server:
+    """A loopback HTTP server over a folder (tests never contact the internet)."""
+
+    def __init__(self, root):
+        handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+        http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_download_tries_mirrors_verifies_and_caches(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    payload = idx_payload(np.arange(10, dtype=np.uint8))
+    D.write_idx(np.arange(10), served / "labels.gz")
+    spec = D.FileSpec("labels.gz", None, md5(payload))
+    server = _Server(served)
+    dead = "http://127.0.0.1:9/"  # discard port: connection refused
+    monkeypatch.setitem(D.REGISTRY, "toy", dict(mirrors=[dead, server.url], files=[spec], local_dirs=[]))
+    monkeypatch.delenv("MPE_DATA_DIR", raising=False)
+    monkeypatch.setenv("MPE_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        path = D.fetch("toy", spec, download=True)
+        assert path == tmp_path / "cache" / "toy" / "labels.gz"
+        assert gzip.decompress(path.read_bytes()) == payload
+        # corrupt on the server and in the cache: the download fails by checksum and leaves nothing behind
+        path.unlink()
+        (served / "labels.gz").write_bytes(gzip.compress(payload[:-1] + b"\x07"))
+        with pytest.raises(D.ChecksumError, match="labels.gz"):
+            D.fetch("toy", spec, download=True)
+        assert list((tmp_path / "cache" / "toy").iterdir()) == []
+    finally:
+        server.close()
+
+
+def _cifar_tar(path, mode):
+    rng = np.random.default_rng(0)
+    members = {}
+    with tarfile.open(path, mode) as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+            obj = ({b"label_names": [b"a"] * 10} if name == "batches.meta" else
+                   {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(range(4))})
+            blob = pickle.dumps(obj)
+            members[name] = hashlib.md5(blob).hexdigest()
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return members
+
+
+def test_cifar10_pickles_verified_by_members(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    members = _cifar_tar(folder / "cifar-10-python.tar.gz", "w:gz")
+    spec = D.FileSpec("cifar-10-python.tar.gz", "sha256:" + "0" * 64)
+    monkeypatch.setitem(D.REGISTRY, "cifar10", dict(mirrors=[], files=[spec], members=members, local_dirs=[]))
+    monkeypatch.setenv("MPE_DATA_DIR", str(tmp_path))
+    d = D.load("cifar10")
+    assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32) and d.n_classes == 10
+    _cifar_tar(folder / "cifar-10-python.tar.gz", "w:bz2")  # another encoding, same members: passes
+    assert D.load("cifar10").x_train.shape[0] == 20
+    with tarfile.open(folder / "cifar-10-python.tar.gz", "w:gz") as tar:  # a member changed: fails
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(D.ChecksumError, match="cifar-10-python.tar.gz"):
+        D.load("cifar10")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (CI installs it)")
+def test_real_fashion_mnist_from_debian(monkeypatch, tmp_path):
+    monkeypatch.delenv("MPE_DATA_DIR", raising=False)
+    monkeypatch.setenv("MPE_CACHE_DIR", str(tmp_path))
+    d = D.load("fmnist", download=False)
+    assert d.x_train.shape == (60000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
+    assert d.y_train.bincount().tolist() == [6000] * 10 and d.y_test.bincount().tolist() == [1000] * 10
+    assert abs(d.x_train.mean().item()) < 0.01 and abs(d.x_train.std().item() - 1) < 0.01
+
+
+def test_embedded_datasets():
+    d = D.load("digits")
+    assert d.x_train.shape == (1000, 1, 8, 8) and d.x_test.shape == (797, 1, 8, 8)
+    m = D.load("mnist5k")
+    assert m.x_train.shape == (4000, 1, 28, 28) and m.y_test.bincount().tolist() == [100] * 10
+    assert len(set(map(tuple, m.x_train.flatten(1)[:50].tolist())) & set(map(tuple, m.x_test.flatten(1).tolist()))) == 0
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(ValueError, match="valid choices: digits, mnist5k"):
+        D.load("svhn")
+
+
+def test_class_balanced_subset_and_label_noise():
+    y = torch.arange(100) % 4
+    idx = D.class_balanced_subset(y, 40, seed=1)
+    assert y[idx].bincount().tolist() == [10] * 4
+    assert torch.equal(idx, D.class_balanced_subset(y, 40, seed=1))
+    y2 = torch.cat([torch.zeros(3, dtype=torch.long), torch.ones(50, dtype=torch.long)])
+    assert y2[D.class_balanced_subset(y2, 20)].bincount().tolist() == [3, 17]  # small class gives its share away
+    noisy, flipped = D.flip_labels(y, 0.25, 4, seed=0)
+    assert len(flipped) == 25 and (noisy[flipped] != y[flipped]).all()
+    assert (noisy != y).sum() == 25

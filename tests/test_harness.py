@@ -1,0 +1,60 @@
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+
+from mpe import get_device, harness
+from mpe.plots import savefig
+
+
+def test_parameter_validation_names_valid_choices():
+    with pytest.raises(ValueError, match="valid choices: quick, paper"):
+        harness.check_params(profile="fast")
+    with pytest.raises(ValueError, match="valid choices: cpu, cuda, mps, auto"):
+        harness.check_params(device="gpu")
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        harness.check_params(dataset="cifar")
+    with pytest.raises(ValueError, match="unknown model"):
+        harness.check_params(models=["small_mlp", "vgg"])
+    with pytest.raises(ValueError, match="positive"):
+        harness.check_params(n_train=0)
+    assert harness.check_params(profile="quick", dataset="digits", n_train=10, delta=0.5)["n_train"] == 10
+    with pytest.raises(ValueError, match="valid choices"):
+        get_device("tpu")
+
+
+def test_claims_verdicts_and_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MPE_FIGURES_DIR", str(tmp_path))
+    c = harness.Claims("mpe-test", "quick")
+    assert c.add("rank kept", 0.91, ">=", 0.7)
+    assert not c.add("ratio near 1", 0.2, "between", [0.5, 2.0])
+    c.add("only at scale", 0.2, "between", [0.5, 2.0], testable=False, why="too small")
+    path = c.report()
+    rows = json.loads(path.read_text())["claims"]
+    assert [r["verdict"] for r in rows] == ["reproduced", "not reproduced", "not testable here"]
+    assert "NOT TESTABLE HERE" in capsys.readouterr().out
+    (tmp_path / "quick" / "mpe-test.json").write_text(json.dumps(dict(json.loads(path.read_text()), runtime_s=3.5)))
+    text = harness.summary("quick").read_text()
+    assert "| mpe-test |" in text and "1/3" in text and "3.5" in text
+
+
+def test_notebook_id():
+    assert harness.notebook_id("notebooks/mpe/fig2_estimated_vs_true_deviation.ipynb") == "mpe-fig2"
+
+
+def test_savefig_is_byte_stable(tmp_path):
+    def draw():
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        paths = savefig(fig, "t", root=tmp_path)
+        plt.close(fig)
+        return [p.read_bytes() for p in paths]
+
+    assert draw() == draw()
+
+
+def test_run_rejects_unknown_profile_and_parameters(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="valid choices: quick, paper"):
+        harness.run("notebooks/mpe/exact_cases_theorems.ipynb", profile="huge")
+    with pytest.raises(FileNotFoundError, match="no notebook"):
+        harness.run("notebooks/mpe/nothing.ipynb")

@@ -1,0 +1,91 @@
+"""The training loop's conventions, callbacks, and resumable retraining jobs."""
+import pytest
+import torch
+from torch import nn
+
+from mpe.retrain import job_key, run_jobs
+from mpe.train import PerExampleRecorder, flat_params, l2_objective, train
+
+
+def data(n=12):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 1, 1, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_sgd_step_uses_mean_loss_plus_delta_over_n_l2():
+    x, y = data()
+    m = model()
+    theta = flat_params(m)
+    m_ref = model()
+    loss = nn.functional.cross_entropy(m_ref(x), y) + 0.5 * (3.0 / 12) * sum((p ** 2).sum() for p in m_ref.parameters())
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(m_ref.parameters()))])
+    train(m, x, y, optimizer="sgd", lr=0.1, epochs=1, batch_size=None, delta=3.0, momentum=0.0)
+    torch.testing.assert_close(flat_params(m), theta - 0.1 * grad)
+
+
+def test_lbfgs_reaches_the_minimiser(f64):
+    x, y = data()
+    m = model().double()
+    train(m, x.double(), y, optimizer="lbfgs", lr=1, epochs=500, delta=1.0, tol=1e-12)
+    g = torch.autograd.grad(l2_objective(m, x.double(), y, 1.0, 12), list(m.parameters()))
+    assert max(t.abs().max().item() for t in g) < 1e-8
+
+
+def test_decoupled_and_ivon_weight_decay_is_delta_over_n():
+    x, y = data()
+    st = train(model(), x, y, optimizer="adamw", lr=1e-3, epochs=1, delta=6.0)
+    assert st.optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.5)
+    st = train(model(), x, y, optimizer="ivon", lr=1e-2, epochs=1, delta=6.0, batch_size=4)
+    group = st.optimizer.param_groups[0]
+    assert group["weight_decay"] == pytest.approx(0.5) and group["ess"] == 12
+
+
+def test_callbacks_see_every_example_once_per_epoch():
+    x, y = data()
+
+    class Seen:
+        def __init__(self):
+            self.idx = []
+
+        def on_batch_end(self, state, idx, logits, yb):
+            assert torch.equal(yb, y[idx]) and logits.shape == (len(idx), 3)
+            self.idx.append(idx)
+
+    seen, rec = Seen(), PerExampleRecorder(x, y)
+    train(model(), x, y, optimizer="sgd", lr=0.1, epochs=3, batch_size=5, callbacks=[seen, rec])
+    per_epoch = [torch.cat(seen.idx[i * 3:(i + 1) * 3]).sort().values for i in range(3)]
+    assert all(torch.equal(e, torch.arange(12)) for e in per_epoch)
+    assert rec.result()["correct"].shape == (3, 12) and rec.result()["loss"].shape == (3, 12)
+
+
+def test_bad_arguments_fail_clearly():
+    x, y = data()
+    with pytest.raises(ValueError, match="valid choices: sgd, adam"):
+        train(model(), x, y, optimizer="rmsprop", lr=0.1, epochs=1)
+    with pytest.raises(ValueError, match="lr > 0"):
+        train(model(), x, y, lr=0.0, epochs=1)
+
+
+def test_jobs_resume_after_interruption(tmp_path):
+    calls = []
+
+    def job(i, fail=False):
+        def run():
+            calls.append(i)
+            if fail:
+                raise KeyboardInterrupt
+            return torch.tensor([i])
+        return run
+
+    keys = [job_key(i=i) for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs({keys[0]: job(0), keys[1]: job(1), keys[2]: job(2, fail=True)}, tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{k}.pt" for k in keys[:2])
+    out = run_jobs({k: job(i) for i, k in enumerate(keys)}, tmp_path, progress=False)
+    assert calls == [0, 1, 2, 2] and [int(out[k]) for k in keys] == [0, 1, 2]
+    assert job_key(i=1, a=2) == job_key(a=2, i=1) != job_key(i=1, a=3)
