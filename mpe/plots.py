@@ -10,7 +10,7 @@ if not os.environ.get("DISPLAY") and "MPLBACKEND" not in os.environ:
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["style", "savefig", "identity_scatter"]
+__all__ = ["style", "savefig", "identity_scatter", "moving_average", "image_grid"]
 
 STYLE = {
     "figure.dpi": 100, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
@@ -43,3 +43,28 @@ def identity_scatter(ax, x, y, label=None, **kw):
     hi = max(float(max(x)), float(max(y)))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     return ax
+
+
+def moving_average(values, window: int):
+    """Centred moving average with a shrinking window at the ends (same length as ``values``)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    half = window // 2
+    return np.array([v[max(0, i - half):i + half + 1].mean() for i in range(len(v))])
+
+
+def image_grid(ax, images, ncols: int, title: str = ""):
+    """Show images (n, C, H, W) as one mosaic with ``ncols`` columns on ``ax``."""
+    import numpy as np
+
+    imgs = np.asarray(images)
+    n, c, h, w = imgs.shape
+    nrows = -(-n // ncols)
+    mosaic = np.full((nrows * (h + 1), ncols * (w + 1)), np.nan)
+    for k in range(n):
+        r, q = divmod(k, ncols)
+        mosaic[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = imgs[k].mean(0)
+    ax.imshow(mosaic, cmap="gray_r")
+    ax.set_title(title)
+    ax.axis("off")

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from .curvature import softmax_hessian
 
-__all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "FORMS"]
+__all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_study", "loo_sweep",
+           "FORMS"]
 
 FORMS = ("diag", "full", "newton")
 _EPS = 1e-10
@@ -122,3 +123,45 @@ def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, remo
         check = float(((better - truth[:n_check]).abs() / better.abs().clamp_min(1e-12)).max())
     return dict(removed=torch.tensor(removed), truth=truth, estimate=estimate, p=p.cpu(), V=V.cpu(),
                 truth_check=check)
+
+
+def leverage(p: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """h_i = largest eigenvalue of Λ_i V_i (N,): how much example i pulls on its own prediction.
+
+    The first-order estimate misses the factor (I − Λ_i V_i)⁻¹, so it is accurate where h_i ≪ 1 and under-estimates by
+    up to 1/(1 − h_i) otherwise (for ridge regression h_i is the classical leverage).
+    """
+    return torch.linalg.eigvals(softmax_hessian(p) @ V).real.max(1).values
+
+
+def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500, posterior: str = "kfac",
+              cache=None, tag: dict | None = None) -> list[dict]:
+    """Fig. 4/7: for each prior precision δ, fit θ_*(δ) from the same initialisation, then the LOO-CV estimate.
+
+    ``make_model()`` must return the same initialisation every call. Each δ is a cached job. Returns one dict per δ:
+    ``delta``, ``loo`` {form: mean LOO NLL}, ``test_nll``, ``test_err``, ``train_nll``, ``train_err``.
+    """
+    from . import curvature as C
+    from .retrain import job_key, run_jobs
+    from .train import nll_and_error, predict, train
+
+    makers = {"kfac": C.kfac_posterior, "diag": C.diag_posterior, "full": C.full_posterior}
+    if posterior not in makers:
+        raise ValueError(f"unknown posterior {posterior!r}; valid choices: {', '.join(makers)}")
+
+    def job(delta):
+        def run():
+            model = make_model()
+            train(model, x, y, optimizer="lbfgs", lr=1.0, epochs=fit_iters, delta=delta)
+            V = C.predictive_covariance(model, x, makers[posterior](model, x, delta))
+            logits = predict(model, x)
+            yy = y.to(logits.device)
+            test_nll, test_err = nll_and_error(model, x_test, y_test)
+            train_nll, train_err = nll_and_error(model, x, y)
+            return dict(delta=float(delta), loo={f: float(loo_nll(logits, yy, V, f)) for f in FORMS},
+                        test_nll=test_nll, test_err=test_err, train_nll=train_nll, train_err=train_err)
+        return run
+
+    jobs = {job_key(delta=float(d), fit_iters=fit_iters, posterior=posterior, **(tag or {})): job(d) for d in deltas}
+    res = run_jobs(jobs, cache, desc="δ sweep")
+    return [res[k] for k in jobs]
