@@ -46,7 +46,7 @@ build/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(wildcard mpe/*.py) $(wildcard para
 # One pytest run: unit tests and every notebook (nbval-lax compares the claims-check cells with the stored outputs).
 # Figures written while testing go to build/test-figures, not into the tracked figures/.
 test: env
-	MPE_FIGURES_DIR=build/test-figures MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile \
+	MPE_FIGURES_DIR=$(CURDIR)/build/test-figures MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile \
 		--nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks
 
 unit: env

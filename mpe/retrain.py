@@ -29,9 +29,17 @@ def default_cache(name: str) -> Path:
     return Path(root) / name
 
 
+def code_fingerprint() -> str:
+    """Hash of the package's source files: part of every job key, so results cached by older code are never reused."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def job_key(**spec) -> str:
-    """Stable 16-hex-digit key of a JSON-serialisable job description."""
-    blob = json.dumps(spec, sort_keys=True, default=str).encode()
+    """Stable 16-hex-digit key of a JSON-serialisable job description (and of the code that runs it)."""
+    blob = json.dumps(dict(spec, _code=code_fingerprint()), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -58,3 +58,23 @@ def test_run_rejects_unknown_profile_and_parameters(tmp_path, monkeypatch):
         harness.run("notebooks/mpe/exact_cases_theorems.ipynb", profile="huge")
     with pytest.raises(FileNotFoundError, match="no notebook"):
         harness.run("notebooks/mpe/nothing.ipynb")
+
+
+def test_every_notebook_is_wired_into_the_harness():
+    """Each notebook has a parameters cell with profile/device, a claims cell, and a paper-profile file naming only
+    parameters that the notebook declares (so `make figures PROFILE=paper` cannot fail on a stale name)."""
+    import nbformat
+    import papermill as pm
+    import yaml
+
+    nbs = harness.notebooks()
+    assert nbs, "no notebooks found"
+    for nb in nbs:
+        path = harness.repo_root() / nb
+        declared = pm.inspect_notebook(str(path))
+        assert {"profile", "device"} <= set(declared), nb
+        paper = harness.paper_params_file(harness.notebook_id(nb))
+        assert paper.exists(), f"{nb}: missing {paper}"
+        assert set(yaml.safe_load(paper.read_text()) or {}) <= set(declared), nb
+        cells = nbformat.read(path, as_version=4).cells
+        assert any("NBVAL_CHECK_OUTPUT" in c.source for c in cells if c.cell_type == "code"), nb

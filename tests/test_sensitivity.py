@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from mpe import curvature as C
-from mpe.sensitivity import FORMS, deviation, logit_shift, loo_nll, residuals, sensitivity
+from mpe.sensitivity import FORMS, deviation, loo_nll, residuals, sensitivity
 from mpe.train import predict, train
 
 
