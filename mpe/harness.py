@@ -128,8 +128,11 @@ class Claims:
                               threshold=threshold, verdict=verdict, why=why))
         return ok
 
-    def report(self) -> Path:
-        """Print the claims (rounded, for nbval) and write ``figures/<profile>/<id>.json``."""
+    def report(self) -> None:
+        """Print the claims (rounded, for nbval) and write ``figures/<profile>/<id>.json`` (kept in ``self.path``).
+
+        Returns nothing, so that the claims cell shows only the printed text (nbval compares it).
+        """
         for r in self.rows:
             thr = f"[{r['threshold'][0]}, {r['threshold'][1]}]" if r["op"] == "between" else r["threshold"]
             print(f"- {r['claim']}\n    measured {r['measured']} (needs {r['op']} {thr}) -> {r['verdict'].upper()}"
@@ -140,7 +143,7 @@ class Claims:
         old = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({"id": self.nb_id, "profile": self.profile, "claims": self.rows,
                                     "runtime_s": old.get("runtime_s")}, indent=1) + "\n")
-        return path
+        self.path = path
 
 
 # ----------------------------------------------------------------------------------------------------------------

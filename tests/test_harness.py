@@ -29,7 +29,8 @@ def test_claims_verdicts_and_json(tmp_path, monkeypatch, capsys):
     assert c.add("rank kept", 0.91, ">=", 0.7)
     assert not c.add("ratio near 1", 0.2, "between", [0.5, 2.0])
     c.add("only at scale", 0.2, "between", [0.5, 2.0], testable=False, why="too small")
-    path = c.report()
+    assert c.report() is None
+    path = c.path
     rows = json.loads(path.read_text())["claims"]
     assert [r["verdict"] for r in rows] == ["reproduced", "not reproduced", "not testable here"]
     assert "NOT TESTABLE HERE" in capsys.readouterr().out
