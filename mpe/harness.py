@@ -231,17 +231,19 @@ def summary(profile: str = "quick") -> Path:
     """``figures/<profile>/SUMMARY.md``: one row per notebook with its run time and claim verdicts."""
     out = figures_dir(profile)
     lines = [f"# Summary ({profile} profile)", "",
-             "| figure | notebook | run time (s) | claims reproduced | verdicts |", "|---|---|---|---|---|"]
+             "Run times are those of the last run of each notebook (one CPU thread for the quick profile); cached",
+             "retraining jobs under build/cache make reruns faster. The claims and their reasons are in each notebook's",
+             "claims check and in the `<id>.json` files beside this one.", "",
+             "| figure | notebook | run time (s) | reproduced | not reproduced | not testable here |",
+             "|---|---|---|---|---|---|"]
     by_id = {notebook_id(p): p for p in notebooks()}
     for f in sorted(out.glob("*.json")):
         data = json.loads(f.read_text())
         if "claims" not in data:
             continue
-        verdicts = [c["verdict"] for c in data["claims"]]
-        n_ok = sum(v == VERDICTS[0] for v in verdicts)
+        counts = [sum(c["verdict"] == v for c in data["claims"]) for v in VERDICTS]
         nb = by_id.get(data["id"], "")
-        lines.append(f"| {data['id']} | {nb} | {data.get('runtime_s')} | {n_ok}/{len(verdicts)} | "
-                     + "; ".join(f"{c['claim'][:60]}: {c['verdict']}" for c in data["claims"]) + " |")
+        lines.append(f"| {data['id']} | {nb} | {data.get('runtime_s')} | " + " | ".join(map(str, counts)) + " |")
     path = out / "SUMMARY.md"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
