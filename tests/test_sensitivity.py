@@ -59,3 +59,24 @@ def test_estimates_track_true_leave_one_out_for_softmax_regression(f64):
             errs[f].append(((est[f][i] - true).norm() / true.norm()).item())
     assert max(errs["full"]) < 0.3
     assert sum(errs["newton"]) < sum(errs["full"])
+
+
+@pytest.mark.parametrize("source", ["ivon", "adam", "diag", "kfac"])
+def test_loo_tracker_matches_a_direct_computation(source):
+    from mpe.sensitivity import LOOTracker
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 1, 1, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = {"ivon": "ivon", "adam": "adam"}.get(source, "sgd")
+    tracker = LOOTracker(x, y, x[:10], y[:10], at_epochs=[2], source=source, delta=3.0)
+    st = train(model, x, y, optimizer=opt, lr=0.01, epochs=2, batch_size=10, delta=3.0, callbacks=[tracker])
+    assert [e for e, *_ in tracker.test] == [1, 2] and [e for e, _ in tracker.loo] == [2]
+    post = {"ivon": lambda: C.ivon_posterior(st.optimizer), "adam": lambda: C.adam_posterior(st.optimizer, 30, 3.0),
+            "diag": lambda: C.diag_posterior(model, x, 3.0), "kfac": lambda: C.kfac_posterior(model, x, 3.0)}[source]()
+    V = C.predictive_covariance(model, x, post)
+    for form in ("diag", "full"):
+        assert tracker.loo[0][1][form] == pytest.approx(loo_nll(predict(model, x), y, V, form).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="valid choices: ivon, adam, diag, kfac"):
+        LOOTracker(x, y, x, y, [1], "sgd", 1.0)
