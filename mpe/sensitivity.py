@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from .curvature import softmax_hessian
 
-__all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_study", "loo_sweep", "LOOTracker",
-           "FORMS"]
+__all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_study", "loo_sweep",
+           "LOOTracker", "FORMS"]
 
 FORMS = ("diag", "full", "newton")
 _EPS = 1e-10
