@@ -80,3 +80,26 @@ def test_loo_tracker_matches_a_direct_computation(source):
         assert tracker.loo[0][1][form] == pytest.approx(loo_nll(predict(model, x), y, V, form).item(), rel=1e-5)
     with pytest.raises(ValueError, match="valid choices: ivon, adam, diag, kfac"):
         LOOTracker(x, y, x, y, [1], "sgd", 1.0)
+
+
+def test_loco_study_matches_direct_retraining_and_class_means(f64, tmp_path):
+    from mpe.sensitivity import loco_study
+    from mpe.train import flat_params, set_flat_params
+
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(45, 1, 1, 4, generator=g), torch.randn(20, 1, 1, 4, generator=g)
+    w = torch.randn(4, 3, generator=g)
+    y, yt = (x.flatten(1) @ w).argmax(1), (xt.flatten(1) @ w).argmax(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    train(model, x, y, optimizer="lbfgs", lr=1, epochs=200, delta=1.0)
+    theta = flat_params(model).clone()
+    out = loco_study(model, x, y, xt, yt, delta=1.0, posterior="full", retrain_iters=200, cache=tmp_path)
+    V = C.predictive_covariance(model, x, C.full_posterior(model, x, 1.0))
+    per = loo_nll(predict(model, x), y, V, "diag", reduce=False)
+    for row in out:
+        c = row["cls"]
+        assert row["loco"] == pytest.approx(per[y == c].mean().item())
+        set_flat_params(model, theta)
+        train(model, x[y != c], y[y != c], optimizer="lbfgs", lr=1, epochs=200, delta=1.0)
+        assert row["test_nll"] == pytest.approx(nn.functional.cross_entropy(predict(model, xt), yt).item(), rel=1e-6)
+        set_flat_params(model, theta)
