@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 __all__ = ["jacobians", "per_example_grads", "softmax_hessian", "sqrt_softmax_hessian", "ggn_full", "ggn_diag",
-           "kfac_factors", "Posterior", "full_posterior", "diag_posterior", "kfac_posterior", "ivon_posterior",
+           "kfac_factors", "Posterior", "full_posterior", "diag_posterior", "kfac_posterior", "laplace_posterior", "ivon_posterior",
            "adam_posterior", "predictive_covariance", "auto_chunk"]
 
 
@@ -214,6 +214,17 @@ def full_posterior(model: nn.Module, x: torch.Tensor, delta: float) -> Posterior
 
 def diag_posterior(model: nn.Module, x: torch.Tensor, delta: float) -> Posterior:
     return Posterior("diag", ggn_diag(model, x) + delta, delta)
+
+
+LAPLACE = ("kfac", "diag", "full")
+
+
+def laplace_posterior(kind: str, model: nn.Module, x: torch.Tensor, delta: float) -> Posterior:
+    """Laplace GGN posterior of ``kind`` ("kfac", "diag" or "full") with prior precision ``delta`` on data ``x``."""
+    makers = {"kfac": kfac_posterior, "diag": diag_posterior, "full": full_posterior}
+    if kind not in makers:
+        raise ValueError(f"unknown posterior {kind!r}; valid choices: {', '.join(LAPLACE)}")
+    return makers[kind](model, x, delta)
 
 
 def ivon_posterior(optimizer) -> Posterior:

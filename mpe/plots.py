@@ -10,7 +10,7 @@ if not os.environ.get("DISPLAY") and "MPLBACKEND" not in os.environ:
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["style", "savefig", "identity_scatter", "moving_average", "image_grid"]
+__all__ = ["style", "savefig", "identity_scatter", "moving_average", "image_grid", "loo_curve"]
 
 STYLE = {
     "figure.dpi": 100, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
@@ -68,3 +68,13 @@ def image_grid(ax, images, ncols: int, title: str = ""):
     ax.imshow(mosaic, cmap="gray_r")
     ax.set_title(title)
     ax.axis("off")
+
+
+def loo_curve(ax, tracker, title: str = "", form: str = "diag"):
+    """Test NLL per epoch (grey) and the LOO estimate at its checkpoints (black squares) of a ``LOOTracker``."""
+    epochs, nll, _ = zip(*tracker.test)
+    at, loo = zip(*tracker.loo)
+    ax.plot(epochs, nll, color="0.6", lw=3, label="test NLL")
+    ax.plot(at, [v[form] for v in loo], "ks-", ms=4, label="LOO estimate")
+    ax.set(title=title, xlabel="epoch", yscale="log")
+    return ax

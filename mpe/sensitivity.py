@@ -98,11 +98,8 @@ def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, remo
     from .retrain import removal_jobs, run_jobs
     from .train import predict
 
-    makers = {"kfac": C.kfac_posterior, "diag": C.diag_posterior, "full": C.full_posterior}
-    if posterior not in makers:
-        raise ValueError(f"unknown posterior {posterior!r}; valid choices: {', '.join(makers)}")
     removed = [int(i) for i in removed]
-    V = C.predictive_covariance(model, x, makers[posterior](model, x, delta))
+    V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
     logits = predict(model, x)
     p = torch.softmax(logits, 1)
     e = residuals(logits, y.to(logits.device))
@@ -145,15 +142,14 @@ def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500,
     from .retrain import job_key, run_jobs
     from .train import nll_and_error, predict, train
 
-    makers = {"kfac": C.kfac_posterior, "diag": C.diag_posterior, "full": C.full_posterior}
-    if posterior not in makers:
-        raise ValueError(f"unknown posterior {posterior!r}; valid choices: {', '.join(makers)}")
+    if posterior not in C.LAPLACE:  # fail before any training
+        raise ValueError(f"unknown posterior {posterior!r}; valid choices: {', '.join(C.LAPLACE)}")
 
     def job(delta):
         def run():
             model = make_model()
             train(model, x, y, optimizer="lbfgs", lr=1.0, epochs=fit_iters, delta=delta)
-            V = C.predictive_covariance(model, x, makers[posterior](model, x, delta))
+            V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
             logits = predict(model, x)
             yy = y.to(logits.device)
             test_nll, test_err = nll_and_error(model, x_test, y_test)
@@ -197,8 +193,7 @@ class LOOTracker:
             return C.ivon_posterior(state.optimizer)
         if self.source == "adam":
             return C.adam_posterior(state.optimizer, len(self.x), self.delta)
-        make = C.diag_posterior if self.source == "diag" else C.kfac_posterior
-        return make(state.model, self.x, self.delta)
+        return C.laplace_posterior(self.source, state.model, self.x, self.delta)
 
     def on_epoch_end(self, state) -> None:
         from .curvature import predictive_covariance
@@ -210,6 +205,12 @@ class LOOTracker:
             logits = predict(state.model, self.x)
             y = self.y.to(logits.device)
             self.loo.append((state.epoch, {f: float(loo_nll(logits, y, V, f)) for f in self.forms}))
+
+    def rows(self, **extra) -> list[dict]:
+        """One dict per LOO checkpoint: ``epoch``, ``loo_<form>``, ``test_nll``, ``test_err`` and ``extra``."""
+        test = {e: (nll, err) for e, nll, err in self.test}
+        return [dict(extra, epoch=e, **{f"loo_{f}": v for f, v in loo.items()}, test_nll=test[e][0], test_err=test[e][1])
+                for e, loo in self.loo]
 
 
 def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "kfac", retrain_iters: int = 100,
@@ -225,10 +226,7 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
     from .retrain import removal_jobs, run_jobs
     from .train import predict
 
-    makers = {"kfac": C.kfac_posterior, "diag": C.diag_posterior, "full": C.full_posterior}
-    if posterior not in makers:
-        raise ValueError(f"unknown posterior {posterior!r}; valid choices: {', '.join(makers)}")
-    V = C.predictive_covariance(model, x, makers[posterior](model, x, delta))
+    V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
     logits = predict(model, x)
     yy = y.to(logits.device)
     per_example = loo_nll(logits, yy, V, "diag", reduce=False).cpu()
