@@ -103,3 +103,22 @@ def test_loco_study_matches_direct_retraining_and_class_means(f64, tmp_path):
         train(model, x[y != c], y[y != c], optimizer="lbfgs", lr=1, epochs=200, delta=1.0)
         assert row["test_nll"] == pytest.approx(nn.functional.cross_entropy(predict(model, xt), yt).item(), rel=1e-6)
         set_flat_params(model, theta)
+
+
+def test_group_deviation_forms_agree_for_single_examples_and_differ_for_pairs(f64):
+    """For a group of one example the joint and summed forms coincide with the single-example full form."""
+    from mpe.sensitivity import group_deviation
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 1, 1, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    train(model, x, y, optimizer="lbfgs", lr=1, epochs=200, delta=1.0)
+    post = C.full_posterior(model, x, 1.0)
+    single = sensitivity(torch.softmax(predict(model, x), 1), C.predictive_covariance(model, x, post),
+                         residuals(predict(model, x), y, clamp=False), "full")
+    out = group_deviation(model, x, y, [[3], [7]], post)
+    torch.testing.assert_close(out["joint"], single[[3, 7]])
+    torch.testing.assert_close(out["sum"], single[[3, 7]])
+    both = group_deviation(model, x, y, [[3, 7]], post)
+    assert both["sum"].item() == pytest.approx((single[3] + single[7]).item())
+    assert both["joint"].item() != pytest.approx(both["sum"].item())  # the off-diagonal block matters
