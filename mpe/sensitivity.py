@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .curvature import softmax_hessian
 
 __all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_study", "loo_sweep",
-           "LOOTracker", "loco_study", "group_deviation", "group_removal_study", "FORMS"]
+           "LOOTracker", "loco_study", "group_deviation", "group_removal_study",
+           "FORMS"]
 
 FORMS = ("diag", "full", "newton")
 _EPS = 1e-10
