@@ -23,8 +23,8 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 __all__ = ["jacobians", "per_example_grads", "softmax_hessian", "sqrt_softmax_hessian", "ggn_full", "ggn_diag",
-           "kfac_factors", "Posterior", "full_posterior", "diag_posterior", "kfac_posterior", "laplace_posterior", "ivon_posterior",
-           "adam_posterior", "predictive_covariance", "auto_chunk"]
+           "kfac_factors", "Posterior", "full_posterior", "diag_posterior", "kfac_posterior", "laplace_posterior",
+           "ivon_posterior", "adam_posterior", "predictive_covariance", "auto_chunk"]
 
 
 def auto_chunk(k: int, p: int, budget: float = 5e7) -> int:
