@@ -162,37 +162,15 @@ def kfac_factors(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> li
     the output gradient of the c-th column of the softmax-Hessian square root; count = N·T.
     For one example and one spatial position this is the exact GGN block.
     """
-    layers = _layers(model)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    store = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: store.__setitem__(m, (i[0].detach(), o))) for m, _, _ in layers]
-    A = [0] * len(layers)
-    G = [0] * len(layers)
-    count = [0] * len(layers)
-    try:
-        for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size].to(device)
-            store.clear()
-            logits = model(xb)
-            L = sqrt_softmax_hessian(torch.softmax(logits.detach(), 1))
-            outs = [store[m][1] for m, _, _ in layers]
-            for j, (m, _, _) in enumerate(layers):
-                a = _layer_inputs(m, store[m][0])
-                A[j] = A[j] + torch.einsum("ntd,nte->de", a, a)
-                count[j] += a.shape[0] * a.shape[1]
-            K = logits.shape[1]
-            for c in range(K):
-                gs = torch.autograd.grad((logits * L[:, :, c]).sum(), outs, retain_graph=c < K - 1)
-                for j, g in enumerate(gs):
-                    g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)  # (N, T, out)
-                    G[j] = G[j] + torch.einsum("nto,ntq->oq", g, g)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return [(a.detach(), g.detach(), c) for a, g, c in zip(A, G, count)]
+    A, G, count = {}, {}, {}
+    for _, logits, io in _layer_io(model, x, batch_size):
+        L = sqrt_softmax_hessian(torch.softmax(logits, 1))
+        for j, (a, g) in enumerate(io):
+            gc = torch.einsum("nkc,nkto->ncto", L, g)  # output gradients of the columns of L_iᵀ f_i
+            A[j] = A.get(j, 0) + torch.einsum("ntd,nte->de", a, a)
+            G[j] = G.get(j, 0) + torch.einsum("ncto,nctq->oq", gc, gc)
+            count[j] = count.get(j, 0) + a.shape[0] * a.shape[1]
+    return [(A[j], G[j], count[j]) for j in sorted(A)]
 
 
 def kfac_posterior(model: nn.Module, x: torch.Tensor, delta: float, batch_size: int = 256) -> Posterior:
@@ -244,6 +222,8 @@ def _layer_io(model, x, batch_size=256):
     """Yield (slice, logits, [(a (n, T, D), g (n, K, T, out)) per layer]): layer inputs and ∂f_k/∂s per example."""
     layers = _layers(model)
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     store = {}
     hooks = [m.register_forward_hook(lambda m, i, o: store.__setitem__(m, (i[0].detach(), o))) for m, _, _ in layers]
     try:
@@ -262,6 +242,7 @@ def _layer_io(model, x, batch_size=256):
     finally:
         for h in hooks:
             h.remove()
+        model.train(was_training)
 
 
 def _kfac_cov(model, x, post, batch_size=256):
@@ -270,25 +251,20 @@ def _kfac_cov(model, x, post, batch_size=256):
     For a layer, ∂f_ik/∂W = Σ_t g_ikt a_itᵀ; in the eigenbasis J̃_k = Σ_t (U_Gᵀ g_ikt)(U_Aᵀ a_it)ᵀ and the precision
     is diagonal there, λ^G_o λ^A_j / count + δ. A rank-one shortcut (T = 1) avoids forming J̃ for dense layers.
     """
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        for _, logits, io in _layer_io(model, x, batch_size):
-            n, k = logits.shape
-            V = torch.zeros(n, k, k, dtype=logits.dtype, device=logits.device)
-            for (a, g), (Ua, la, Ug, lg, count) in zip(io, post.data):
-                at, gt = a @ Ua, g @ Ug  # (n, T, D), (n, K, T, out)
-                prec = lg[:, None] * la[None, :] / count + post.delta  # (out, D)
-                if a.shape[1] == 1:
-                    w = at[:, 0].pow(2) @ (1 / prec).T  # (n, out): Σ_j ã_j² / prec_oj
-                    V += torch.einsum("nko,nlo,no->nkl", gt[:, :, 0], gt[:, :, 0], w)
-                else:
-                    Jt = torch.einsum("nkto,ntd->nkod", gt, at)
-                    V += torch.einsum("nkod,nlod->nkl", Jt / prec, Jt)
-            out.append(V)
-    finally:
-        model.train(was_training)
+    for _, logits, io in _layer_io(model, x, batch_size):
+        n, k = logits.shape
+        V = torch.zeros(n, k, k, dtype=logits.dtype, device=logits.device)
+        for (a, g), (Ua, la, Ug, lg, count) in zip(io, post.data):
+            at, gt = a @ Ua, g @ Ug  # (n, T, D), (n, K, T, out)
+            prec = lg[:, None] * la[None, :] / count + post.delta  # (out, D)
+            if a.shape[1] == 1:
+                w = at[:, 0].pow(2) @ (1 / prec).T  # (n, out): Σ_j ã_j² / prec_oj
+                V += torch.einsum("nko,nlo,no->nkl", gt[:, :, 0], gt[:, :, 0], w)
+            else:
+                Jt = torch.einsum("nkto,ntd->nkod", gt, at)
+                V += torch.einsum("nkod,nlod->nkl", Jt / prec, Jt)
+        out.append(V)
     return torch.cat(out)
 
 

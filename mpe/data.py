@@ -20,7 +20,6 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
 import struct
 import tarfile
 import tempfile
@@ -406,12 +405,3 @@ def write_idx(array: np.ndarray, path, compresslevel: int = 9, filename_in_heade
         f.write(header + array.tobytes())
     Path(path).write_bytes(buf.getvalue())
 
-
-def copy_local(name: str, src_dir) -> None:
-    """Copy a dataset's files from ``src_dir`` into the cache after verifying them."""
-    members = REGISTRY[name].get("members")
-    for spec in REGISTRY[name]["files"]:
-        src = Path(src_dir) / spec.name
-        verify(src, spec, members)
-        (cache_dir() / name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, cache_dir() / name / spec.name)

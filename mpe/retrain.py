@@ -16,7 +16,7 @@ import torch
 
 from .train import flat_params, predict, set_flat_params, train
 
-__all__ = ["job_key", "run_jobs", "removal_jobs", "default_cache"]
+__all__ = ["job_key", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache"]
 
 
 def default_cache(name: str) -> Path:
@@ -92,3 +92,16 @@ def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict
         return job
 
     return {job_key(group=list(map(int, g)), train=train_kw, **tag): make(g) for g in removed}
+
+
+def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, tag: dict, cache=None,
+                      desc: str = "retrain"):
+    """Softmax outputs on ``probe`` after warm-started retraining without each group, and for a reference run.
+
+    The reference is the same protocol on all the data, so comparing with it cancels any drift of an imperfectly
+    converged θ_*. Returns (reference (M, K), [outputs (M, K) per group]); every run is a cached job.
+    """
+    jobs = removal_jobs(model, x, y, [[]] + [list(g) for g in groups], probe, train_kw, tag)
+    res = run_jobs(jobs, cache, desc=desc)
+    outs = [res[k] for k in jobs]
+    return outs[0], outs[1:]

@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import curvature as C
 from .curvature import softmax_hessian
+from .retrain import job_key, retrained_outputs, run_jobs
+from .train import nll_and_error, predict, train
 
 __all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_study", "loo_sweep",
            "LOOTracker", "loco_study", "group_deviation", "group_removal_study",
@@ -95,9 +98,6 @@ def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, remo
     Returns a dict: ``removed`` (R,), ``truth`` (R,), ``estimate`` {form: (N,)}, ``p`` (N, K), ``V`` (N, K, K),
     ``truth_check`` (max relative change of the checked truths, or None).
     """
-    from . import curvature as C
-    from .retrain import removal_jobs, run_jobs
-    from .train import predict
 
     removed = [int(i) for i in removed]
     V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
@@ -108,11 +108,9 @@ def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, remo
 
     def truths(iters, idx):
         kw = dict(optimizer="lbfgs", lr=1.0, epochs=iters, delta=delta)
-        jobs = removal_jobs(model, x, y, [[]] + [[i] for i in idx], x[idx], kw, tag or {})
-        keys = list(jobs)
-        res = run_jobs(jobs, cache, desc=f"retrain ({iters} iterations)")
-        ref = res[keys[0]]
-        return torch.stack([(res[k][j] - ref[j]).abs().sum() for j, k in enumerate(keys[1:])])
+        ref, outs = retrained_outputs(model, x, y, [[i] for i in idx], x[idx], kw, tag or {}, cache,
+                                      desc=f"retrain ({iters} iterations)")
+        return torch.stack([(out[j] - ref[j]).abs().sum() for j, out in enumerate(outs)])
 
     truth = truths(retrain_iters, removed)
     check = None
@@ -139,9 +137,6 @@ def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500,
     ``make_model()`` must return the same initialisation every call. Each δ is a cached job. Returns one dict per δ:
     ``delta``, ``loo`` {form: mean LOO NLL}, ``test_nll``, ``test_err``, ``train_nll``, ``train_err``.
     """
-    from . import curvature as C
-    from .retrain import job_key, run_jobs
-    from .train import nll_and_error, predict, train
 
     if posterior not in C.LAPLACE:  # fail before any training
         raise ValueError(f"unknown posterior {posterior!r}; valid choices: {', '.join(C.LAPLACE)}")
@@ -188,7 +183,6 @@ class LOOTracker:
         self.test, self.loo = [], []
 
     def posterior(self, state):
-        from . import curvature as C
 
         if self.source == "ivon":
             return C.ivon_posterior(state.optimizer)
@@ -197,12 +191,10 @@ class LOOTracker:
         return C.laplace_posterior(self.source, state.model, self.x, self.delta)
 
     def on_epoch_end(self, state) -> None:
-        from .curvature import predictive_covariance
-        from .train import nll_and_error, predict
 
         self.test.append((state.epoch, *nll_and_error(state.model, self.x_test, self.y_test)))
         if state.epoch in self.at_epochs:
-            V = predictive_covariance(state.model, self.x, self.posterior(state))
+            V = C.predictive_covariance(state.model, self.x, self.posterior(state))
             logits = predict(state.model, self.x)
             y = self.y.to(logits.device)
             self.loo.append((state.epoch, {f: float(loo_nll(logits, y, V, f)) for f in self.forms}))
@@ -223,9 +215,6 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
     mean NLL and accuracy on the *whole* test set after a warm-started L-BFGS retrain on the data without class c.
     The two are on different scales, so a monotone trend is expected, not y = x. Returns one dict per class.
     """
-    from . import curvature as C
-    from .retrain import removal_jobs, run_jobs
-    from .train import predict
 
     V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
     logits = predict(model, x)
@@ -234,19 +223,17 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
     classes = sorted(int(c) for c in torch.unique(y))
     groups = [torch.nonzero(y == c).flatten().tolist() for c in classes]
     kw = dict(optimizer="lbfgs", lr=1.0, epochs=retrain_iters, delta=delta)
-    jobs = removal_jobs(model, x, y, [[]] + groups, x_test, kw, dict(tag or {}, study="loco"))
-    res = run_jobs(jobs, cache, desc="class removal")
-    keys = list(jobs)
+    ref, outs = retrained_outputs(model, x, y, groups, x_test, kw, dict(tag or {}, study="loco"), cache, "class removal")
     yt = y_test.cpu()
 
     def scores(probs):
         return (-probs[torch.arange(len(yt)), yt].clamp_min(1e-12).log().mean().item(),
                 (probs.argmax(1) == yt).float().mean().item())
 
-    base_nll, base_acc = scores(res[keys[0]])
+    base_nll, base_acc = scores(ref)
     out = []
-    for c, group, key in zip(classes, groups, keys[1:]):
-        nll, acc = scores(res[key])
+    for c, group, probs in zip(classes, groups, outs):
+        nll, acc = scores(probs)
         out.append(dict(cls=c, loco=per_example[group].mean().item(), test_nll=nll, test_acc=acc,
                         acc_drop=base_acc - acc, base_nll=base_nll, base_acc=base_acc))
     return out
@@ -263,8 +250,6 @@ def group_deviation(model, x: torch.Tensor, y: torch.Tensor, groups, posterior) 
     ``groups`` is a list of index lists; ``posterior`` a :class:`mpe.curvature.Posterior`. Returns
     {"joint": (G,), "sum": (G,)}.
     """
-    from . import curvature as C
-    from .train import predict
 
     logits = predict(model, x)
     p = torch.softmax(logits, 1)
@@ -297,14 +282,9 @@ def group_removal_study(model, x, y, groups, *, delta: float, posterior: str = "
     The truth retrains from θ_* without M (warm-started L-BFGS) and compares with the same protocol on all the data.
     Returns {"truth": (G,), "joint": (G,), "sum": (G,)}.
     """
-    from . import curvature as C
-    from .retrain import removal_jobs, run_jobs
 
     est = group_deviation(model, x, y, groups, C.laplace_posterior(posterior, model, x, delta))
     kw = dict(optimizer="lbfgs", lr=1.0, epochs=retrain_iters, delta=delta)
-    jobs = removal_jobs(model, x, y, [[]] + [list(g) for g in groups], x, kw, dict(tag or {}, study="groups"))
-    res = run_jobs(jobs, cache, desc="group removal")
-    keys = list(jobs)
-    ref = res[keys[0]]
-    truth = torch.tensor([(res[k][list(g)] - ref[list(g)]).abs().sum().item() for g, k in zip(groups, keys[1:])])
+    ref, outs = retrained_outputs(model, x, y, groups, x, kw, dict(tag or {}, study="groups"), cache, "group removal")
+    truth = torch.tensor([(out[list(g)] - ref[list(g)]).abs().sum().item() for g, out in zip(groups, outs)])
     return dict(truth=truth, **est)
