@@ -78,3 +78,16 @@ def loo_curve(ax, tracker, title: str = "", form: str = "diag"):
     ax.plot(at, [v[form] for v in loo], "ks-", ms=4, label="LOO estimate")
     ax.set(title=title, xlabel="epoch", yscale="log")
     return ax
+
+
+def evolution_curves(ax, binned, labels, title: str = ""):
+    """Figs. 3(b)/11: one line per checkpoint of binned, sorted sensitivities (C, B); grey levels, earlier = thicker."""
+    import numpy as np
+
+    binned = np.asarray(binned)
+    c = len(binned)
+    for j, (row, lab) in enumerate(zip(binned, labels)):
+        shade = 0.75 * (1 - j / max(c - 1, 1))
+        ax.plot(np.arange(1, binned.shape[1] + 1), row, color=str(shade), lw=3.0 - 2.0 * j / max(c - 1, 1), label=lab)
+    ax.set(title=title, xlabel="examples sorted by final sensitivity (bins)", ylabel="mean sensitivity per bin")
+    return ax

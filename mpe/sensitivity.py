@@ -25,8 +25,8 @@ from .retrain import job_key, retrained_outputs, run_jobs
 from .train import nll_and_error, predict, train
 
 __all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_study", "loo_sweep",
-           "LOOTracker", "loco_study", "group_deviation", "group_removal_study",
-           "FORMS"]
+           "LOOTracker", "loco_study", "group_deviation", "group_removal_study", "sampled_residuals",
+           "SensitivityTracker", "sorted_bins", "top_share", "FORMS"]
 
 FORMS = ("diag", "full", "newton")
 _EPS = 1e-10
@@ -288,3 +288,83 @@ def group_removal_study(model, x, y, groups, *, delta: float, posterior: str = "
     ref, outs = retrained_outputs(model, x, y, groups, x, kw, dict(tag or {}, study="groups"), cache, "group removal")
     truth = torch.tensor([(out[list(g)] - ref[list(g)]).abs().sum().item() for g, out in zip(groups, outs)])
     return dict(truth=truth, **est)
+
+
+def sampled_residuals(logits: torch.Tensor, y: torch.Tensor, V: torch.Tensor, n_samples: int = 150,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""Monte-Carlo residuals (N, K): e_i = mean_s softmax(f̃_s) − y_i with f̃_s ~ N(f_i, diag([V_i]_kk)).
+
+    The official code's estimate of E_q[p] − y for Figs. 3(b) and 11 (``get_sampled_residuals``): the logits are
+    sampled with the per-class (diagonal) predictive variance. ``V`` is (N, K, K) or already the diagonal (N, K).
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    var = V.diagonal(dim1=1, dim2=2) if V.dim() == 3 else V
+    std = var.clamp_min(0).sqrt()
+    p = torch.zeros_like(logits)
+    for _ in range(n_samples):
+        eps = torch.randn(logits.shape, generator=generator, dtype=logits.dtype).to(logits.device)
+        p += torch.softmax(logits + std * eps, 1)
+    return p / n_samples - F.one_hot(y.to(logits.device), logits.shape[1]).to(logits.dtype)
+
+
+class SensitivityTracker:
+    r"""Training callback for MPE Figs. 3(b) and 11: the sensitivity of every training example at chosen iterations.
+
+    At each optimiser step in ``at_steps`` (``state.step`` after the update; the paper's checkpoints are iterations)
+    it computes, at the current parameters (the mean m_t for IVON), s_i = Σ_k |p_ik(1 − p_ik) v_ik e_ik| with v_ik
+    from the optimiser's own posterior (``source="ivon"``: S_t = diag(N(h_t + δ/N))) or a Laplace GGN (``"diag"``,
+    ``"kfac"``), and e_i from ``n_samples`` Monte-Carlo logit samples (:func:`sampled_residuals`) or the mean
+    (``n_samples=0``). After training, ``self.steps`` lists the checkpoints and ``self.values`` (C, N) the
+    sensitivities.
+    """
+
+    def __init__(self, x, y, at_steps, source: str = "ivon", delta: float = 0.0, n_samples: int = 150, seed: int = 0):
+        if source not in LOOTracker.SOURCES or source == "adam":
+            raise ValueError(f"unknown variance source {source!r}; valid choices: ivon, diag, kfac")
+        self.x, self.y, self.at_steps, self.source, self.delta = x, y, set(at_steps), source, delta
+        self.n_samples, self.gen = n_samples, torch.Generator().manual_seed(seed)
+        self.steps, self.values = [], []
+
+    def on_batch_end(self, state, *_) -> None:
+        if state.step not in self.at_steps:
+            return
+        post = (C.ivon_posterior(state.optimizer) if self.source == "ivon"
+                else C.laplace_posterior(self.source, state.model, self.x, self.delta))
+        V = C.predictive_covariance(state.model, self.x, post)
+        logits = predict(state.model, self.x)
+        y = self.y.to(logits.device)
+        e = sampled_residuals(logits, y, V, self.n_samples, self.gen) if self.n_samples else residuals(logits, y)
+        self.steps.append(state.step)
+        self.values.append(sensitivity(torch.softmax(logits, 1), V, e, "diag").cpu())
+
+    def result(self) -> tuple[list[int], torch.Tensor]:
+        return list(self.steps), torch.stack(self.values) if self.values else torch.empty(0)
+
+
+def sorted_bins(values: torch.Tensor, n_bins: int = 100, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Sort examples by ``order`` (default: the last row of ``values``), split into ``n_bins`` equal bins, average.
+
+    ``values`` (C, N) -> (C, n_bins). When N is not divisible by ``n_bins`` the first N mod n_bins bins get one
+    extra example (numpy's array_split), so no example is dropped.
+    """
+    values = torch.as_tensor(values)
+    if values.dim() == 1:
+        values = values[None]
+    if not 1 <= n_bins <= values.shape[1]:
+        raise ValueError(f"need 1 <= n_bins <= N = {values.shape[1]}, got {n_bins}")
+    idx = torch.argsort(values[-1] if order is None else torch.as_tensor(order), stable=True)
+    return torch.stack([values[:, chunk].mean(1) for chunk in torch.tensor_split(idx, n_bins)], 1)
+
+
+def top_share(values: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+    """Share of the total sensitivity held by the top ``fraction`` of examples, per row of ``values`` (C, N) -> (C,).
+
+    A value equal to ``fraction`` means no concentration (all equal); 1 means all of it sits in the top.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    values = torch.as_tensor(values)
+    values = values[None] if values.dim() == 1 else values
+    k = max(1, round(fraction * values.shape[1]))
+    return values.topk(k, dim=1).values.sum(1) / values.sum(1)

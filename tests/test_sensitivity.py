@@ -122,3 +122,51 @@ def test_group_deviation_forms_agree_for_single_examples_and_differ_for_pairs(f6
     both = group_deviation(model, x, y, [[3, 7]], post)
     assert both["sum"].item() == pytest.approx((single[3] + single[7]).item())
     assert both["joint"].item() != pytest.approx(both["sum"].item())  # the off-diagonal block matters
+
+
+def test_sampled_residuals_match_gauss_hermite_quadrature(f64):
+    """K = 2 with independent logit noise: E[softmax(f + σ ε)] by 2-D Gauss–Hermite quadrature is the truth."""
+    import numpy as np
+    from mpe.sensitivity import sampled_residuals
+
+    f, var = torch.tensor([[1.5, -0.5]]), torch.tensor([[0.8, 0.3]])
+    t, w = np.polynomial.hermite_e.hermegauss(60)
+    w = w / w.sum()
+    a = f[0, 0].item() + np.sqrt(var[0, 0].item()) * t[:, None]
+    b = f[0, 1].item() + np.sqrt(var[0, 1].item()) * t[None, :]
+    p0 = (w[:, None] * w[None, :] / (1 + np.exp(b - a))).sum()
+    e = sampled_residuals(f, torch.tensor([0]), var, 20000, torch.Generator().manual_seed(0))
+    assert abs(e[0, 0].item() - (p0 - 1)) < 3e-3 and abs(e.sum().item()) < 1e-9
+    # zero variance gives the plain residual
+    torch.testing.assert_close(sampled_residuals(f, torch.tensor([1]), torch.zeros(1, 2, 2), 3),
+                               residuals(f, torch.tensor([1]), clamp=False))
+
+
+def test_sorted_bins_and_top_share_on_hand_made_values():
+    from mpe.sensitivity import sorted_bins, top_share
+
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [6.0, 1.0, 5.0, 2.0, 4.0, 3.0]])
+    # order by the last row: examples 1, 3, 5, 4, 2, 0
+    torch.testing.assert_close(sorted_bins(values, 3), torch.tensor([[3.0, 5.5, 2.0], [1.5, 3.5, 5.5]]))
+    torch.testing.assert_close(sorted_bins(values[:, :5], 2), torch.tensor([[11 / 3, 2.0], [7 / 3, 5.5]]))  # bins of 3 and 2
+    torch.testing.assert_close(top_share(values, 1 / 3), torch.tensor([11 / 21, 11 / 21]))
+    torch.testing.assert_close(top_share(torch.ones(10), 0.1), torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="n_bins"):
+        sorted_bins(values, 7)
+
+
+def test_sensitivity_tracker_uses_the_ivon_posterior_at_the_chosen_steps():
+    from mpe.sensitivity import SensitivityTracker
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 1, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(5, 3))
+    tr = SensitivityTracker(x, y, at_steps=[2, 8], source="ivon", n_samples=0)
+    state = train(net, x, y, optimizer="ivon", lr=0.05, epochs=2, batch_size=10, delta=1.0, callbacks=[tr])
+    steps, values = tr.result()
+    assert steps == [2, 8] and values.shape == (2, 40)
+    V = C.predictive_covariance(net, x, C.ivon_posterior(state.optimizer))
+    logits = predict(net, x)
+    torch.testing.assert_close(values[-1], sensitivity(torch.softmax(logits, 1), V, residuals(logits, y), "diag"))
+    with pytest.raises(ValueError, match="valid choices: ivon, diag, kfac"):
+        SensitivityTracker(x, y, [1], source="adam")
