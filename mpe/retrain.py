@@ -16,7 +16,7 @@ import torch
 
 from .train import flat_params, predict, set_flat_params, train
 
-__all__ = ["job_key", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache"]
+__all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache"]
 
 
 def default_cache(name: str) -> Path:
@@ -41,6 +41,12 @@ def job_key(**spec) -> str:
     """Stable 16-hex-digit key of a JSON-serialisable job description (and of the code that runs it)."""
     blob = json.dumps(dict(spec, _code=code_fingerprint()), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """Short hash of a tensor's values, dtype and shape (for cache keys)."""
+    t = t.detach().cpu().contiguous()
+    return hashlib.sha256(str((t.dtype, tuple(t.shape))).encode() + t.numpy().tobytes()).hexdigest()[:16]
 
 
 def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc: str = "jobs") -> dict:
@@ -75,7 +81,8 @@ def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict
 
     ``removed`` is a list of index lists; each job returns the softmax outputs on ``probe`` (M, ...) after
     retraining, as a tensor (M, K). ``tag`` (data, model and θ_* identity) enters the cache key together with
-    ``train_kw`` and the group, so a changed setting never reuses a stale result.
+    ``train_kw``, the group and digests of θ_*, the data and the probe, so a changed setting never reuses a stale
+    result.
     """
     theta = flat_params(model).clone()
     n = len(x)
@@ -91,7 +98,8 @@ def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict
             return out
         return job
 
-    return {job_key(group=list(map(int, g)), train=train_kw, **tag): make(g) for g in removed}
+    digests = dict(theta=tensor_digest(theta), data=tensor_digest(x) + tensor_digest(y), probe=tensor_digest(probe))
+    return {job_key(group=list(map(int, g)), train=train_kw, **digests, **tag): make(g) for g in removed}
 
 
 def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, tag: dict, cache=None,

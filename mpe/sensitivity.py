@@ -207,13 +207,15 @@ class LOOTracker:
 
 
 def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "kfac", retrain_iters: int = 100,
-               cache=None, tag: dict | None = None) -> list[dict]:
+               retrain: dict | None = None, cache=None, tag: dict | None = None) -> list[dict]:
     r"""Fig. 3(a)/11(d): leave-one-class-out estimate vs the test NLL after retraining without that class.
 
     The model must sit at θ_*. For each class c, the estimate is LOCO_c = mean over training examples i of class c of
     −log softmax(f_i + [V_i]_kk e_ik)[y_i] (the official code's per-example shift; no retraining), and the truth is the
-    mean NLL and accuracy on the *whole* test set after a warm-started L-BFGS retrain on the data without class c.
-    The two are on different scales, so a monotone trend is expected, not y = x. Returns one dict per class.
+    mean NLL and accuracy on the *whole* test set after a warm-started retrain on the data without class c: by default
+    ``retrain_iters`` iterations of full-batch L-BFGS (converged), or the keyword arguments ``retrain`` of
+    :func:`mpe.train.train` (e.g. the paper's low-learning-rate SGD). The two are on different scales, so a monotone
+    trend is expected, not y = x. Returns one dict per class.
     """
 
     V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
@@ -222,7 +224,7 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
     per_example = loo_nll(logits, yy, V, "diag", reduce=False).cpu()
     classes = sorted(int(c) for c in torch.unique(y))
     groups = [torch.nonzero(y == c).flatten().tolist() for c in classes]
-    kw = dict(optimizer="lbfgs", lr=1.0, epochs=retrain_iters, delta=delta)
+    kw = dict(optimizer="lbfgs", lr=1.0, epochs=retrain_iters, delta=delta) if retrain is None else dict(retrain, delta=delta)
     ref, outs = retrained_outputs(model, x, y, groups, x_test, kw, dict(tag or {}, study="loco"), cache, "class removal")
     yt = y_test.cpu()
 

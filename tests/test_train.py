@@ -89,3 +89,22 @@ def test_jobs_resume_after_interruption(tmp_path):
     out = run_jobs({k: job(i) for i, k in enumerate(keys)}, tmp_path, progress=False)
     assert calls == [0, 1, 2, 2] and [int(out[k]) for k in keys] == [0, 1, 2]
     assert job_key(i=1, a=2) == job_key(a=2, i=1) != job_key(i=1, a=3)
+
+
+def test_removal_job_keys_change_with_the_probe_the_data_and_theta():
+    from mpe.retrain import removal_jobs
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
+    x, y = torch.randn(8, 1, 1, 3), torch.randint(0, 2, (8,))
+    kw = dict(optimizer="lbfgs", lr=1.0, epochs=2)
+
+    def keys(probe, xx=x):
+        return set(removal_jobs(net, xx, y, [[0], [1]], probe, kw, {}))
+
+    base = keys(x[:4])
+    assert base == keys(x[:4].clone())  # same values, same keys
+    assert not base & keys(x[:5])       # another probe (the stale-cache case)
+    assert not base & keys(x[:4], x + 1)
+    with torch.no_grad():
+        net[1].bias += 1
+    assert not base & keys(x[:4])
