@@ -25,7 +25,7 @@ from .retrain import job_key, retrained_outputs, run_jobs
 from .train import nll_and_error, predict, train
 
 __all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_study", "loo_sweep",
-           "LOOTracker", "loco_study", "group_deviation", "group_removal_study", "sampled_residuals",
+           "LOOTracker", "loo_during_training", "loco_study", "group_deviation", "group_removal_study", "sampled_residuals",
            "SensitivityTracker", "sorted_bins", "top_share", "FORMS"]
 
 FORMS = ("diag", "full", "newton")
@@ -204,6 +204,24 @@ class LOOTracker:
         test = {e: (nll, err) for e, nll, err in self.test}
         return [dict(extra, epoch=e, **{f"loo_{f}": v for f, v in loo.items()}, test_nll=test[e][0], test_err=test[e][1])
                 for e, loo in self.loo]
+
+
+def loo_during_training(make_model, data, methods: dict, *, at_epochs, epochs: int, batch_size: int, delta: float,
+                        hess_init: float = 0.1, seed: int = 0, progress: bool = True) -> dict:
+    """Figs. 1(b), 5, 8–10: train one model per method from the same initialisation with a :class:`LOOTracker`.
+
+    ``methods`` maps a name to ``dict(source=..., optimizer=..., lr=..., lr_min=...)``; ``make_model()`` returns the
+    initial model, ``data`` a :class:`mpe.data.Data`. Returns {name: tracker}.
+    """
+    trackers = {}
+    for name, m in methods.items():
+        net = make_model()
+        tracker = LOOTracker(data.x_train, data.y_train, data.x_test, data.y_test, at_epochs, m["source"], delta)
+        train(net, data.x_train, data.y_train, optimizer=m["optimizer"], lr=m["lr"], lr_min=m.get("lr_min", 0.0),
+              epochs=epochs, batch_size=batch_size, delta=delta, hess_init=hess_init, seed=seed, callbacks=[tracker],
+              progress=progress)
+        trackers[name] = tracker
+    return trackers
 
 
 def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "kfac", retrain_iters: int = 100,
