@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 __all__ = ["jacobians", "per_example_grads", "softmax_hessian", "sqrt_softmax_hessian", "ggn_full", "ggn_diag",
            "kfac_factors", "Posterior", "full_posterior", "diag_posterior", "kfac_posterior", "laplace_posterior",
-           "ivon_posterior", "adam_posterior", "predictive_covariance", "auto_chunk"]
+           "ivon_posterior", "adam_posterior", "predictive_covariance", "whitened_jacobians", "auto_chunk"]
 
 
 def auto_chunk(k: int, p: int, budget: float = 5e7) -> int:
@@ -266,6 +266,32 @@ def _kfac_cov(model, x, post, batch_size=256):
                 V += torch.einsum("nkod,nlod->nkl", Jt / prec, Jt)
         out.append(V)
     return torch.cat(out)
+
+
+def whitened_jacobians(model: nn.Module, x: torch.Tensor, posterior: Posterior) -> torch.Tensor:
+    r"""Z (N, K, Q) with J_i S⁻¹ J_jᵀ = Z_i Z_jᵀ for every pair of examples: the joint logit covariance of a group.
+
+    full: Z_i = (L⁻¹ J_iᵀ)ᵀ with S = L Lᵀ; diag: Z_i = J_i / √s; kfac: per layer, the Jacobian in the Kronecker
+    eigenbasis divided by the square root of the (diagonal there) precision. Memory N·K·P: meant for groups.
+    """
+    if posterior.kind == "kfac":
+        out = []
+        for _, logits, io in _layer_io(model, x):
+            parts = []
+            for (a, g), (Ua, la, Ug, lg, count) in zip(io, posterior.data):
+                prec = lg[:, None] * la[None, :] / count + posterior.delta  # (out, D)
+                Jt = torch.einsum("nkto,ntd->nkod", g @ Ug, a @ Ua) / prec.sqrt()
+                parts.append(Jt.reshape(Jt.shape[0], Jt.shape[1], -1))
+            out.append(torch.cat(parts, 2))
+        return torch.cat(out)
+    if posterior.kind not in ("full", "diag"):
+        raise ValueError(f"unknown posterior kind {posterior.kind!r}; valid: full, diag, kfac")
+    J = torch.cat([j for _, j in jacobians(model, x)])
+    if posterior.kind == "diag":
+        return J / posterior.data.sqrt()
+    chol = torch.linalg.cholesky(posterior.data)
+    Z = torch.linalg.solve_triangular(chol, J.reshape(-1, J.shape[2]).T, upper=False)  # L⁻¹ Jᵀ
+    return Z.T.reshape(J.shape)
 
 
 def predictive_covariance(model: nn.Module, x: torch.Tensor, posterior: Posterior, chunk: int | None = None

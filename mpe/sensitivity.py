@@ -267,7 +267,7 @@ def group_deviation(model, x: torch.Tensor, y: torch.Tensor, groups, posterior) 
     - ``sum``: the off-diagonal blocks of V_M dropped, i.e. the sum of per-example estimates Λ_i V_i e_i
       (Eq. 43, second approximation).
 
-    ``groups`` is a list of index lists; ``posterior`` a :class:`mpe.curvature.Posterior`. Returns
+    ``groups`` is a list of index lists; ``posterior`` a :class:`mpe.curvature.Posterior` (full, diag or K-FAC). Returns
     {"joint": (G,), "sum": (G,)}.
     """
 
@@ -278,15 +278,10 @@ def group_deviation(model, x: torch.Tensor, y: torch.Tensor, groups, posterior) 
     out = {"joint": [], "sum": []}
     for g in groups:
         g = torch.as_tensor(g)
-        J = torch.cat([j for _, j in C.jacobians(model, x[g])])  # (M, K, P)
-        M, K, P = J.shape
-        Jf = J.reshape(M * K, P)
-        if posterior.kind == "full":
-            VM = Jf @ torch.linalg.solve(posterior.data, Jf.T)
-        elif posterior.kind == "diag":
-            VM = (Jf / posterior.data) @ Jf.T
-        else:
-            raise ValueError("group_deviation needs a full or diagonal posterior (the joint covariance crosses layers)")
+        Z = C.whitened_jacobians(model, x[g], posterior)  # (M, K, Q)
+        M, K, _ = Z.shape
+        Zf = Z.reshape(M * K, -1)
+        VM = Zf @ Zf.T
         df_joint = (VM @ e[g].reshape(-1)).reshape(M, K)
         blocks = VM.reshape(M, K, M, K)[torch.arange(M), :, torch.arange(M), :]  # (M, K, K) diagonal blocks
         df_sum = (blocks @ e[g].unsqueeze(2)).squeeze(2)

@@ -84,6 +84,10 @@ def test_kfac_covariance_matches_explicit_kronecker_precision(f64):
     P = torch.block_diag(*blocks) + 0.3 * torch.eye(sum(b.shape[0] for b in blocks))
     J = brute_jacobian(model, xt)
     torch.testing.assert_close(C.predictive_covariance(model, xt, post), J @ torch.linalg.solve(P, J.transpose(1, 2)))
+    # the joint covariance of the group, cross-example blocks included
+    Jf = J.reshape(-1, J.shape[2])
+    Z = C.whitened_jacobians(model, xt, post).reshape(len(Jf), -1)
+    torch.testing.assert_close(Z @ Z.T, Jf @ torch.linalg.solve(P, Jf.T))
 
 
 def test_diag_and_full_predictive_covariance(f64):
@@ -94,6 +98,10 @@ def test_diag_and_full_predictive_covariance(f64):
     S = torch.diag(s) + 0.1 * torch.ones(len(s), len(s))
     torch.testing.assert_close(C.predictive_covariance(model, x, C.Posterior("full", S)),
                                J @ torch.linalg.solve(S, J.transpose(1, 2)))
+    Jf = J.reshape(-1, J.shape[2])
+    for post, want in ((C.Posterior("diag", s), (Jf / s) @ Jf.T), (C.Posterior("full", S), Jf @ torch.linalg.solve(S, Jf.T))):
+        Z = C.whitened_jacobians(model, x, post).reshape(len(Jf), -1)
+        torch.testing.assert_close(Z @ Z.T, want)
 
 
 def test_kfac_rejects_unsupported_layers():
