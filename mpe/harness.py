@@ -2,7 +2,7 @@
 
 Command line (used by the Makefile)::
 
-    python -m mpe.harness run NOTEBOOK [--profile quick|paper] [--device cpu|cuda|mps|auto]
+    python -m mpe.harness run NOTEBOOK [--profile quick|paper] [--device cpu|cuda|mps|auto] [--shrunk]
     python -m mpe.harness references NOTEBOOK...      # re-execute in place (quick) = refresh nbval references
     python -m mpe.harness summary [--profile quick]   # figures/<profile>/SUMMARY.md from the claims files
     python -m mpe.harness list                        # notebooks and their ids
@@ -161,8 +161,13 @@ def _parameters(nb: Path) -> dict:
     return pm.inspect_notebook(str(nb))
 
 
-def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Path | None = None) -> Path:
-    """Execute one notebook with papermill for ``profile`` into ``build/<profile>/...``; record its run time."""
+def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Path | None = None,
+        shrunk: bool = False) -> Path:
+    """Execute one notebook with papermill for ``profile`` into ``build/<profile>/...``; record its run time.
+
+    ``shrunk=True`` (paper profile only) overrides the paper parameters with ``params/shrunk/<id>.yaml``: the same
+    models, optimisers and code path on tiny data for one epoch, so that ``make test`` exercises the paper profile.
+    """
     import papermill as pm
     import yaml
 
@@ -182,14 +187,21 @@ def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Pat
         if not f.exists():
             raise FileNotFoundError(f"{nb_id}: no parameters for profile {profile!r} ({f})")
         params.update(yaml.safe_load(f.read_text()) or {})
+    if shrunk:
+        if profile != "paper":
+            raise ValueError("shrunk runs are a smoke test of the paper profile; use profile='paper'")
+        f = repo_root() / "params" / "shrunk" / f"{nb_id}.yaml"
+        if not f.exists():
+            raise FileNotFoundError(f"{nb_id}: no shrunk parameters ({f})")
+        params.update(yaml.safe_load(f.read_text()) or {})
     unknown = sorted(set(params) - set(declared))
     if unknown:
         raise ValueError(f"{nb_id}: unknown parameter(s) {', '.join(unknown)}; the notebook declares: "
                          f"{', '.join(declared)}")
-    output = output or root / "build" / profile / nb.relative_to(root / "notebooks")
+    output = output or root / "build" / (profile + "-shrunk" * shrunk) / nb.relative_to(root / "notebooks")
     output.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MPLBACKEND", "Agg")
-    if profile == "quick":
+    if profile == "quick" or shrunk:
         os.environ.setdefault("MPE_OFFLINE", "1")
     start = time.perf_counter()
     pm.execute_notebook(str(nb), str(output), parameters=params, kernel_name="python3", cwd=str(nb.parent),
@@ -257,6 +269,7 @@ def main(argv=None) -> int:
     r.add_argument("notebook")
     r.add_argument("--profile", default="quick")
     r.add_argument("--device", default="cpu")
+    r.add_argument("--shrunk", action="store_true", help="paper profile on tiny data (params/shrunk/<id>.yaml)")
     ref = sub.add_parser("references")
     ref.add_argument("notebooks", nargs="+")
     s = sub.add_parser("summary")
@@ -265,7 +278,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.cmd == "run":
-            run(a.notebook, a.profile, a.device)
+            run(a.notebook, a.profile, a.device, shrunk=a.shrunk)
         elif a.cmd == "references":
             references(a.notebooks)
         elif a.cmd == "summary":

@@ -200,3 +200,9 @@ def test_class_balanced_subset_and_label_noise():
     noisy, flipped = D.flip_labels(y, 0.25, 4, seed=0)
     assert len(flipped) == 25 and (noisy[flipped] != y[flipped]).all()
     assert (noisy != y).sum() == 25
+
+
+def test_synthetic_cifar10_has_cifar_shape_and_is_deterministic():
+    a, b = D.load("synthetic-cifar10"), D.load("synthetic-cifar10")
+    assert a.x_train.shape == (500, 3, 32, 32) and a.x_test.shape == (100, 3, 32, 32) and a.n_classes == 10
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
