@@ -2,6 +2,7 @@
 
 All models take images ``(N, C, H, W)`` and return logits ``(N, K)``. Parameter counts of the MPE models match the
 paper (App. I.1): MLP(500,300) 545,810; MLP(32,16) 25,818; LeNet5 61,706; CNN 3c3d 895,210; ResNet-20-FRN 274,042.
+lpNTK's "LeNet" (the PyTorch MNIST-example CNN) has 1,199,882.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["softmax_regression", "mlp", "lenet5", "cnn_3c3d", "resnet20_frn", "small_cnn", "get_model", "MODELS",
-           "n_params"]
+__all__ = ["softmax_regression", "mlp", "lenet5", "cnn_3c3d", "resnet20_frn", "small_cnn", "lpntk_cnn",
+           "mnist_example_cnn", "get_model", "MODELS", "n_params"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -133,6 +134,22 @@ def small_cnn(in_shape=(1, 28, 28), n_classes: int = 10, channels=(8, 16), activ
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, n_classes))
 
 
+def lpntk_cnn(in_shape=(1, 28, 28), n_classes: int = 10) -> nn.Sequential:
+    """The lpNTK notes' "SmallCNN": conv(16, 5) ReLU pool, conv(32, 5) ReLU pool, fc 64, ReLU, fc (≈47k on 28x28)."""
+    c, h, w = in_shape
+    h, w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    return nn.Sequential(nn.Conv2d(c, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * h * w, 64), nn.ReLU(), nn.Linear(64, n_classes))
+
+
+def mnist_example_cnn(in_shape=(1, 28, 28), n_classes: int = 10) -> nn.Sequential:
+    """lpNTK's "LeNet" (the PyTorch MNIST example): conv 32, conv 64 (3x3), pool, dropout, fc 128, dropout; 1,199,882."""
+    c, h, w = in_shape
+    return nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * ((h - 4) // 2) * ((w - 4) // 2), 128), nn.ReLU(),
+                         nn.Dropout(0.5), nn.Linear(128, n_classes))
+
+
 MODELS = {
     "softmax_regression": softmax_regression,
     "small_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (32, 16), n_classes),
@@ -142,6 +159,8 @@ MODELS = {
     "cnn_3c3d": cnn_3c3d,
     "resnet20_frn": resnet20_frn,
     "small_cnn": small_cnn,
+    "lpntk_cnn": lpntk_cnn,
+    "mnist_example_cnn": mnist_example_cnn,
 }
 
 

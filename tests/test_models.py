@@ -4,7 +4,8 @@ import torch
 from mpe.models import get_model, n_params
 
 COUNTS = {"small_mlp": ((1, 28, 28), 25_818), "large_mlp": ((1, 28, 28), 545_810), "lenet5": ((1, 28, 28), 61_706),
-          "cnn_3c3d": ((3, 32, 32), 895_210), "resnet20_frn": ((3, 32, 32), 274_042)}
+          "cnn_3c3d": ((3, 32, 32), 895_210), "resnet20_frn": ((3, 32, 32), 274_042),
+          "mnist_example_cnn": ((1, 28, 28), 1_199_882)}
 
 
 @pytest.mark.parametrize("name", COUNTS)

@@ -1,0 +1,149 @@
+r"""Sample-interaction kernels of the lpNTK paper: eNTK blocks, pNTK, lpNTK, the one-step interaction (Eq. 1) and
+farthest-point clustering.
+
+Notation: logits z(x) ∈ R^K, q = softmax(z), J(x) = ∂z/∂w ∈ R^{K×P}, eNTK block Θ(x, x') = J(x) J(x')ᵀ (K×K).
+
+    lpNTK   κ((x,y),(x',y')) = c · s(y)ᵀ Θ(x,x') s(y'),   s(y) = 2e_y − 1 (+1 at the label, −1 elsewhere)   (Eq. 2)
+    pNTK    the same with s = 1 (Mohamadi et al. 2023)
+
+Both are inner products of feature maps, φ(x, y) = √c · ∇_w[s(y)ᵀ z(x)]: one backward pass per example instead of K
+(:func:`features`), and the kernel is the Gram matrix of φ (:func:`gram`, in blocks). The scale c is 1 in the
+official code (and here by default); the paper probably uses 1/K. Features are computed with the model in eval mode
+(dropout off), as the official code does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from .curvature import jacobians
+
+__all__ = ["KINDS", "signs", "features", "gram", "entk_blocks", "delta_q", "two_layer_relu_entk", "fpc"]
+
+KINDS = ("lpntk", "pntk")
+
+
+def signs(y: torch.Tensor, n_classes: int, kind: str = "lpntk") -> torch.Tensor:
+    """s(y) (N, K): 2·onehot(y) − 1 for lpNTK, all ones for pNTK."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel {kind!r}; valid choices: {', '.join(KINDS)}")
+    if kind == "pntk":
+        return torch.ones(len(y), n_classes)
+    return 2.0 * F.one_hot(y.long(), n_classes).float() - 1.0
+
+
+def features(model, x: torch.Tensor, y: torch.Tensor, kind: str = "lpntk", scale: float = 1.0,
+             chunk: int = 256) -> torch.Tensor:
+    """φ(x_n, y_n) = √scale · ∇_w[s(y_n)ᵀ z(x_n)] for every example, (N, P), in ``model.parameters()`` order."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    device = next(model.parameters()).device
+
+    def signed_sum(prm, x1, s1):
+        return functional_call(model, (prm, buffers), (x1.unsqueeze(0),)).squeeze(0) @ s1
+
+    g = vmap(grad(signed_sum), in_dims=(None, 0, 0))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            k = model(x[:1].to(device)).shape[1]
+        out = []
+        for start in range(0, len(x), chunk):
+            xb = x[start:start + chunk].to(device)
+            sb = signs(y[start:start + chunk], k, kind).to(device=device, dtype=xb.dtype)
+            gb = g(params, xb, sb)
+            out.append(torch.cat([gb[n].reshape(len(xb), -1) for n in names], 1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out) * scale ** 0.5
+
+
+def gram(phi_a: torch.Tensor, phi_b: torch.Tensor | None = None, block: int = 1024) -> torch.Tensor:
+    """κ = Φ_a Φ_bᵀ (Na, Nb), computed in row blocks (Φ_b = Φ_a by default)."""
+    phi_b = phi_a if phi_b is None else phi_b
+    return torch.cat([phi_a[i:i + block] @ phi_b.T for i in range(0, len(phi_a), block)])
+
+
+def entk_blocks(model, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """Θ(x_a, x_b) = J(x_a) J(x_b)ᵀ for all pairs, (Na, Nb, K, K); model in eval mode. For small sets."""
+    Ja = torch.cat([j for _, j in jacobians(model, xa)])
+    Jb = Ja if xb is xa else torch.cat([j for _, j in jacobians(model, xb)])
+    return torch.einsum("akp,blp->abkl", Ja, Jb)
+
+
+def delta_q(model, x_o: torch.Tensor, x_b: torch.Tensor, y_b: torch.Tensor, lr: float) -> torch.Tensor:
+    r"""Eq. 1: predicted change of q(x_o) (No, K) after one plain-SGD step of size ``lr`` on the batch (x_b, y_b).
+
+    Δq(x_o) ≈ lr · mean_b A(x_o) Θ(x_o, x_b) (e_{y_b} − q(x_b)), A = diag(q) − q qᵀ, for a mean-reduced
+    cross-entropy (no momentum, no weight decay: the first-order effect of one gradient step).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            q_o, q_b = torch.softmax(model(x_o), 1), torch.softmax(model(x_b), 1)
+    finally:
+        model.train(was_training)
+    theta = entk_blocks(model, x_o, x_b)  # (No, Nb, K, K)
+    err = F.one_hot(y_b.long(), q_b.shape[1]).to(q_b.dtype) - q_b  # (Nb, K)
+    A = torch.diag_embed(q_o) - q_o.unsqueeze(2) * q_o.unsqueeze(1)  # (No, K, K)
+    return lr * torch.einsum("okl,obln,bn->ok", A, theta, err) / len(x_b)
+
+
+def two_layer_relu_entk(X: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+    r"""Closed-form eNTK of f(x) = W2 relu(W1 x/√d)/√n (NTK parametrisation, no biases): (N, N, K, K).
+
+    Θ_ij(x, x') = δ_ij relu(h)·relu(h')/n + Σ_m W2[i,m] W2[j,m] 1[h_m>0] 1[h'_m>0] (x·x')/(n d), h = W1 x/√d.
+    W1 (n, d), W2 (K, n), X (N, d).
+    """
+    n, d = W1.shape
+    h = X @ W1.T / d ** 0.5  # (N, n)
+    a, da = torch.relu(h), (h > 0).to(X.dtype)
+    K = W2.shape[0]
+    first = (a @ a.T / n)[:, :, None, None] * torch.eye(K, dtype=X.dtype)
+    second = torch.einsum("im,jm,am,bm->abij", W2, W2, da, da) * (X @ X.T / (n * d))[:, :, None, None]
+    return first + second
+
+
+def fpc(sim: torch.Tensor, n_clusters: int, selfmax_guard: bool = True) -> list[tuple[int, list[int]]]:
+    r"""Farthest-point clustering of one class by raw similarity, as the official lpNTK code does it.
+
+    ``sim`` (n, n) symmetric (e.g. the within-class lpNTK). Returns [(head, members sorted by similarity to the head,
+    head first)]. The procedure: the first head is the first index of the largest entry; then repeatedly the member
+    least similar to its own head (over all clusters, the globally smallest such similarity) becomes a new head, and
+    every non-head member moves to it if it is more similar to it than to its current head — until ``n_clusters``.
+    With ``selfmax_guard`` (official behaviour), if at most ``n_clusters`` examples have their own entry as their
+    row maximum, those examples are returned as singletons and the rest dropped. Unlike the official code, the row
+    maximum is taken over the full row (the official upper-triangle version is biased to larger indices).
+    """
+    n = sim.shape[0]
+    if sim.shape != (n, n) or not 1 <= n_clusters <= n:
+        raise ValueError(f"need a square similarity matrix and 1 <= n_clusters <= n = {n}, got {n_clusters}")
+    sim = torch.as_tensor(sim, dtype=torch.float64)
+    if selfmax_guard:
+        selfmax = [i for i in range(n) if sim[i, i] >= sim[i].max()]
+        if len(selfmax) <= n_clusters:
+            return [(i, [i]) for i in selfmax]
+    iu = torch.triu_indices(n, n)
+    first = iu[:, torch.argmax(sim[iu[0], iu[1]])]
+    head = int(first[0])
+    owner = torch.full((n,), head, dtype=torch.long)  # the head each example belongs to
+    heads = [head]
+    while len(heads) < n_clusters:
+        to_own = sim[torch.arange(n), owner]
+        to_own[heads] = float("inf")  # heads never move
+        c = n - 1 - int(torch.argmin(to_own.flip(0)))  # the farthest point; ties go to the highest index
+        heads.append(c)
+        owner[c] = c
+        closer = sim[c] > sim[torch.arange(n), owner]
+        closer[heads] = False
+        owner[closer] = c
+    out = []
+    for h in heads:
+        members = torch.nonzero(owner == h).flatten()
+        order = torch.argsort(-sim[h, members], stable=True)
+        out.append((h, [int(m) for m in members[order]]))
+    return out

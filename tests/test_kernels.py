@@ -1,0 +1,74 @@
+"""lpNTK kernels against explicit eNTK contractions, Eq. 1 against a real SGD step, FPC on the official toy case."""
+import pytest
+import torch
+from torch import nn
+
+from mpe.kernels import delta_q, entk_blocks, features, fpc, gram, signs, two_layer_relu_entk
+from mpe.train import flat_params, set_flat_params
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+
+
+def test_feature_gram_equals_sign_contraction_of_the_entk(f64):
+    net = tiny_net()
+    x, y = torch.randn(7, 1, 2, 3), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    theta = entk_blocks(net, x, x)  # (7, 7, 4, 4)
+    for kind in ("lpntk", "pntk"):
+        s = signs(y, 4, kind).double()
+        want = torch.einsum("ak,abkl,bl->ab", s, theta, s)
+        phi = features(net, x, y, kind, chunk=3)
+        torch.testing.assert_close(gram(phi, block=2), want)
+        assert torch.linalg.eigvalsh(gram(phi)).min() > -1e-9  # PSD
+    torch.testing.assert_close(gram(features(net, x, y, scale=0.25)), 0.25 * gram(features(net, x, y)))
+    assert signs(torch.tensor([2]), 4).tolist() == [[-1.0, -1.0, 1.0, -1.0]]
+    with pytest.raises(ValueError, match="valid choices: lpntk, pntk"):
+        signs(y, 4, "entk")
+
+
+def test_eq1_predicts_the_change_of_one_plain_sgd_step(f64):
+    net = tiny_net()
+    g = torch.Generator().manual_seed(1)
+    x_o, x_b = torch.randn(5, 1, 2, 3, generator=g), torch.randn(8, 1, 2, 3, generator=g)
+    y_b = torch.randint(0, 4, (8,), generator=g)
+    lr = 1e-3
+    before = torch.softmax(net(x_o), 1).detach()
+    pred = delta_q(net, x_o, x_b, y_b, lr)
+    theta = flat_params(net)
+    net.zero_grad()
+    nn.functional.cross_entropy(net(x_b), y_b).backward()
+    set_flat_params(net, theta - lr * torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    true = torch.softmax(net(x_o), 1).detach() - before
+    assert (pred - true).abs().max() < 1e-3 * true.abs().max()  # first order: error O(lr²)
+
+
+def test_two_layer_closed_form_matches_autograd(f64):
+    n, d, K, N = 7, 3, 4, 5
+    g = torch.Generator().manual_seed(0)
+    W1, W2, X = torch.randn(n, d, generator=g), torch.randn(K, n, generator=g), torch.randn(N, d, generator=g)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W1, self.W2 = nn.Parameter(W1.clone()), nn.Parameter(W2.clone())
+
+        def forward(self, x):
+            return torch.relu(x.flatten(1) @ self.W1.T / d ** 0.5) @ self.W2.T / n ** 0.5
+
+    torch.testing.assert_close(two_layer_relu_entk(X, W1, W2), entk_blocks(Net(), X, X))
+
+
+def test_fpc_reproduces_the_official_toy_case():
+    pairs = [(0, 0, 30), (0, 1, 25), (3, 3, 24), (2, 2, 23), (1, 1, 22), (2, 3, 18), (0, 2, 15), (0, 3, 15), (1, 2, 12),
+             (1, 3, 10)]
+    sim = torch.zeros(4, 4)
+    for i, j, k in pairs:
+        sim[i, j] = sim[j, i] = k
+    assert fpc(sim, 2) == [(0, [0, 1]), (3, [3, 2])]
+    assert sorted(h for h, _ in fpc(sim, 4, selfmax_guard=False)) == [0, 1, 2, 3]
+    # the guard: only examples 0, 2, 3 are their own row maximum; with 3 clusters they come back as singletons
+    assert fpc(sim, 3) == [(0, [0]), (2, [2]), (3, [3])]
+    with pytest.raises(ValueError, match="n_clusters"):
+        fpc(sim, 5)
