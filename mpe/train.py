@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["train", "predict", "nll_and_error", "OPTIMIZERS", "PerExampleRecorder", "flat_params",
+__all__ = ["train", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES", "PerExampleRecorder", "flat_params",
            "set_flat_params", "l2_objective"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
+SCHEDULES = ("cosine", "step", "constant")
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -113,14 +114,19 @@ def _make_optimizer(name, params, *, lr, momentum, delta, n, hess_init, beta2, m
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, optimizer: str = "sgd",
           batch_size: int | None = 256, lr_min: float = 0.0, momentum: float = 0.9, delta: float = 0.0,
           shuffle: bool = True, seed: int = 0, callbacks=(), hess_init: float = 0.1, beta2: float = 0.99999,
-          mc_samples: int = 1, progress: bool = False, tol: float = 1e-9) -> SimpleNamespace:
+          mc_samples: int = 1, progress: bool = False, tol: float = 1e-9, schedule: str = "cosine",
+          step_size: int = 2, gamma: float = 0.7) -> SimpleNamespace:
     """Train ``model`` in place on (x (N, ...), y (N,)) and return ``state`` (model, optimizer, losses per epoch).
 
-    ``batch_size=None`` means full batch. The optimiser object is returned in ``state.optimizer`` so that its
-    preconditioner (IVON's Hessian, Adam's second moment) can be read as a variance.
+    ``batch_size=None`` means full batch. ``schedule``: "cosine" (``lr`` to ``lr_min``), "step" (× ``gamma`` every
+    ``step_size`` epochs, the lpNTK recipe) or "constant"; stepped once per epoch. The optimiser object is returned
+    in ``state.optimizer`` so that its preconditioner (IVON's Hessian, Adam's second moment) can be read as a
+    variance.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid choices: {', '.join(SCHEDULES)}")
     if epochs < 0 or lr <= 0:
         raise ValueError(f"need epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
     device = next(model.parameters()).device
@@ -149,7 +155,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
 
     opt = _make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, delta=delta, n=n,
                           hess_init=hess_init, beta2=beta2, mc_samples=mc_samples)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr_min)
+    sched = {"cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr_min),
+             "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma),
+             "constant": lambda: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)}[schedule]()
     state.optimizer = opt
     explicit_l2 = optimizer in ("sgd", "adam")
     bs = n if batch_size is None else batch_size

@@ -108,3 +108,14 @@ def test_removal_job_keys_change_with_the_probe_the_data_and_theta():
     with torch.no_grad():
         net[1].bias += 1
     assert not base & keys(x[:4])
+
+
+def test_step_and_constant_schedules():
+    x, y = torch.randn(16, 1, 1, 3), torch.randint(0, 2, (16,))
+    for schedule, want in (("step", 0.1 * 0.5 ** 2), ("constant", 0.1), ("cosine", 0.0)):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
+        state = train(net, x, y, optimizer="sgd", lr=0.1, epochs=4, batch_size=8, schedule=schedule, step_size=2,
+                      gamma=0.5)
+        assert abs(state.optimizer.param_groups[0]["lr"] - want) < 1e-12
+    with pytest.raises(ValueError, match="valid choices: cosine, step, constant"):
+        train(net, x, y, lr=0.1, epochs=1, schedule="linear")
