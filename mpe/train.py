@@ -10,7 +10,8 @@ with δ the prior precision. Minibatch optimisers minimise L/N per step, i.e. me
 ``lr_min`` over the epochs, stepped once per epoch. ``optimizer="lbfgs"`` runs full-batch L-BFGS with a strong-Wolfe
 line search for ``epochs`` iterations: a deterministic, converged minimiser for small problems.
 
-A callback is any object with ``on_epoch_end(state)`` and/or ``on_batch_end(state, idx, logits, y)`` methods;
+A callback is any object with ``on_epoch_end(state)``, ``on_batch_start(state, idx)`` (before the update on the
+minibatch ``idx``) and/or ``on_batch_end(state, idx, logits, y)`` methods;
 ``state`` carries ``model``, ``optimizer``, ``epoch``, ``step`` and ``n``. Every paper's statistics (correctness,
 loss, forgetting events, ...) are callbacks, not new loops.
 """
@@ -173,6 +174,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         for start in range(0, n, bs):
             idx = order[start:start + bs]
             xb, yb = x[idx], y[idx]
+            for cb in callbacks:
+                if hasattr(cb, "on_batch_start"):
+                    cb.on_batch_start(state, idx)
 
             def step_loss():
                 logits = model(xb)

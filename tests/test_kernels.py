@@ -42,6 +42,13 @@ def test_eq1_predicts_the_change_of_one_plain_sgd_step(f64):
     set_flat_params(net, theta - lr * torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
     true = torch.softmax(net(x_o), 1).detach() - before
     assert (pred - true).abs().max() < 1e-3 * true.abs().max()  # first order: error O(lr²)
+    # the JVP route equals the explicit eNTK form of Eq. 1
+    set_flat_params(net, theta)
+    q_o, q_b = torch.softmax(net(x_o), 1).detach(), torch.softmax(net(x_b), 1).detach()
+    A = torch.diag_embed(q_o) - q_o.unsqueeze(2) * q_o.unsqueeze(1)
+    err = nn.functional.one_hot(y_b, 4).double() - q_b
+    explicit = lr * torch.einsum("okl,obln,bn->ok", A, entk_blocks(net, x_o, x_b), err) / len(x_b)
+    torch.testing.assert_close(pred, explicit)
 
 
 def test_two_layer_closed_form_matches_autograd(f64):

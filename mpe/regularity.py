@@ -1,0 +1,84 @@
+r"""Per-example learning statistics as training callbacks: forgetting events and their one-step prediction.
+
+A *forgetting event* of example i at step t: i was classified correctly before the update of step t and wrongly
+after it. The lpNTK paper (Table 1, its official ``analysis/forget_el2n.py``) predicts these events for the examples
+of the previous minibatch from Eq. 1, the first-order change of their predictions caused by the current minibatch
+(:func:`mpe.kernels.delta_q`); :class:`ForgettingPredictor` does this inside the one training loop.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import delta_q
+
+__all__ = ["ForgettingPredictor", "precision_recall_f1"]
+
+
+def precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    """Precision, recall and F1; an undefined precision or recall is 1.0 (as in the official code)."""
+    p = tp / (tp + fp) if tp + fp else 1.0
+    r = tp / (tp + fn) if tp + fn else 1.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def _correct_and_probs(model, x, y):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            q = torch.softmax(model(x), 1)
+    finally:
+        model.train(was_training)
+    return q.argmax(1) == y, q
+
+
+class ForgettingPredictor:
+    r"""Callback: at every step t, the examples of minibatch t−1 are checked before and after the update on
+    minibatch t, and Eq. 1 predicts their new predictions q̂ = q_{t−1} + Δq with the step's learning rate.
+
+    True event: correct at θ_{t−1} and wrong at θ_t. Predicted event: correct at θ_{t−1} and argmax q̂ ≠ y. Counts
+    ``tp``, ``fp``, ``fn``, ``tn`` are summed over the first ``max_steps`` steps (all if None); ``checked`` counts the
+    examples that were correct before the update (the ones that can be forgotten). ``el2n_error`` is the mean of
+    |EL2N(q̂)/EL2N(q_t) − 1|. Eq. 1 is exact to first order for plain SGD (no momentum, no weight decay).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, max_steps: int | None = None):
+        self.x, self.y, self.max_steps = x, y, max_steps
+        self.prev, self.pending = None, None
+        self.tp = self.fp = self.fn = self.tn = self.checked = 0
+        self.el2n_errors = []
+
+    def on_batch_start(self, state, idx) -> None:
+        self.pending = None
+        if self.prev is None or (self.max_steps is not None and state.step >= self.max_steps):
+            return
+        device = next(state.model.parameters()).device
+        xp, yp = self.x[self.prev].to(device), self.y[self.prev].to(device)
+        correct, q = _correct_and_probs(state.model, xp, yp)
+        lr = state.optimizer.param_groups[0]["lr"]
+        q_hat = q + delta_q(state.model, xp, self.x[idx].to(device), self.y[idx].to(device), lr)
+        self.pending = (xp, yp, correct, q_hat)
+
+    def on_batch_end(self, state, idx, *_) -> None:
+        if self.pending is not None:
+            xp, yp, correct, q_hat = self.pending
+            after, q_t = _correct_and_probs(state.model, xp, yp)
+            true = correct & ~after
+            pred = correct & (q_hat.argmax(1) != yp)
+            self.tp += int((true & pred).sum())
+            self.fp += int((~true & pred).sum())
+            self.fn += int((true & ~pred).sum())
+            self.tn += int((~true & ~pred).sum())
+            self.checked += int(correct.sum())
+            onehot = torch.nn.functional.one_hot(yp, q_t.shape[1]).to(q_t.dtype)
+            ratio = (q_hat - onehot).norm(dim=1) / (q_t - onehot).norm(dim=1).clamp_min(1e-12)
+            self.el2n_errors.append((ratio - 1).abs().mean().item())
+        self.prev = idx.cpu()
+
+    def summary(self) -> dict:
+        """Counts, precision, recall, F1, the number of events and their rate among the examples that were correct."""
+        p, r, f1 = precision_recall_f1(self.tp, self.fp, self.fn)
+        events = self.tp + self.fn
+        return dict(tp=self.tp, fp=self.fp, fn=self.fn, tn=self.tn, precision=p, recall=r, f1=f1, events=events,
+                    event_rate=events / max(self.checked, 1),
+                    el2n_error=sum(self.el2n_errors) / max(len(self.el2n_errors), 1))

@@ -1,0 +1,51 @@
+"""Forgetting events and their Eq. 1 prediction against a hand-written replay of the same SGD run."""
+import torch
+from torch import nn
+
+from mpe.kernels import delta_q
+from mpe.regularity import ForgettingPredictor, precision_recall_f1
+from mpe.train import train
+
+
+def test_precision_recall_f1_by_hand():
+    assert precision_recall_f1(3, 1, 2) == (0.75, 0.6, 2 * 0.75 * 0.6 / 1.35)
+    assert precision_recall_f1(0, 0, 0) == (1.0, 1.0, 1.0)
+
+
+def test_forgetting_predictor_matches_a_manual_replay():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 1, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    y[:8] = (y[:8] + 1) % 3  # some noisy labels so that examples get forgotten
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Flatten(), nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    model, lr, bs = net(), 0.5, 8
+    cb = ForgettingPredictor(x, y)
+    train(model, x, y, optimizer="sgd", lr=lr, epochs=3, batch_size=bs, momentum=0.0, schedule="constant", seed=0,
+          callbacks=[cb])
+
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    prev, counts = None, dict(tp=0, fp=0, fn=0, tn=0)
+    for _ in range(3):
+        order = torch.randperm(40, generator=gen)
+        for s in range(0, 40, bs):
+            idx = order[s:s + bs]
+            if prev is not None:
+                before = model(x[prev]).argmax(1) == y[prev]
+                q = torch.softmax(model(x[prev]), 1).detach()
+                pred = before & ((q + delta_q(model, x[prev], x[idx], y[idx], lr)).argmax(1) != y[prev])
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            if prev is not None:
+                true = before & (model(x[prev]).argmax(1) != y[prev])
+                for k, m in (("tp", true & pred), ("fp", ~true & pred), ("fn", true & ~pred), ("tn", ~true & ~pred)):
+                    counts[k] += int(m.sum())
+            prev = idx
+    out = cb.summary()
+    assert {k: out[k] for k in counts} == counts
+    assert out["events"] == counts["tp"] + counts["fn"] > 0
