@@ -11,7 +11,34 @@ import torch
 
 from .kernels import delta_q
 
-__all__ = ["ForgettingPredictor", "precision_recall_f1"]
+__all__ = ["ForgettingPredictor", "LearningDifficulty", "el2n", "precision_recall_f1"]
+
+
+def el2n(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """EL2N score ‖softmax(z) − e_y‖₂ per example (N,) (Paul et al. 2021)."""
+    q = torch.softmax(logits, 1)
+    return (q - torch.nn.functional.one_hot(y, q.shape[1]).to(q.dtype)).norm(dim=1)
+
+
+class LearningDifficulty:
+    """Callback: each example's EL2N at every visit, from the training forward pass *before* the update on its
+    minibatch (as the official lpNTK code does). ``history`` (epochs, N) holds the per-epoch values (NaN where an
+    example was not visited); ``total`` (N,) their sum over training, the learning difficulty (the area under the
+    example's learning curve)."""
+
+    def __init__(self, n: int):
+        self.n, self.current, self.history = n, torch.full((n,), float("nan")), []
+
+    def on_batch_end(self, state, idx, logits, y) -> None:
+        self.current[idx.cpu()] = el2n(logits.float(), y).cpu()
+
+    def on_epoch_end(self, state) -> None:
+        self.history.append(self.current)
+        self.current = torch.full((self.n,), float("nan"))
+
+    @property
+    def total(self) -> torch.Tensor:
+        return torch.stack(self.history).nansum(0) if self.history else torch.zeros(self.n)
 
 
 def precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:

@@ -49,3 +49,22 @@ def test_forgetting_predictor_matches_a_manual_replay():
     out = cb.summary()
     assert {k: out[k] for k in counts} == counts
     assert out["events"] == counts["tp"] + counts["fn"] > 0
+
+
+def test_learning_difficulty_sums_el2n_before_each_update():
+    from mpe.regularity import LearningDifficulty, el2n
+
+    x, y = torch.randn(12, 1, 1, 3), torch.randint(0, 2, (12,))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
+    ld = LearningDifficulty(12)
+    start = [p.detach().clone() for p in net.parameters()]
+    train(net, x, y, optimizer="sgd", lr=0.1, epochs=2, batch_size=12, seed=0, callbacks=[ld])
+    # full batch: epoch 1 sees the initial parameters, epoch 2 those after one step
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
+    assert all(torch.equal(a, b) for a, b in zip(start, ref.parameters()))
+    first = el2n(ref(x), y).detach()
+    torch.testing.assert_close(ld.history[0], first)
+    assert ld.history[1].shape == (12,) and torch.all(ld.history[1] != first)
+    torch.testing.assert_close(ld.total, ld.history[0] + ld.history[1])
