@@ -11,7 +11,8 @@ import torch
 
 from .kernels import delta_q
 
-__all__ = ["ForgettingPredictor", "LearningDifficulty", "el2n", "precision_recall_f1"]
+__all__ = ["ForgettingPredictor", "VisitRecorder", "LearningDifficulty", "forgetting_counts", "el2n",
+           "precision_recall_f1"]
 
 
 def el2n(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -20,25 +21,40 @@ def el2n(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (q - torch.nn.functional.one_hot(y, q.shape[1]).to(q.dtype)).norm(dim=1)
 
 
-class LearningDifficulty:
-    """Callback: each example's EL2N at every visit, from the training forward pass *before* the update on its
-    minibatch (as the official lpNTK code does). ``history`` (epochs, N) holds the per-epoch values (NaN where an
-    example was not visited); ``total`` (N,) their sum over training, the learning difficulty (the area under the
-    example's learning curve)."""
+class VisitRecorder:
+    """Callback: ``metric(logits, y)`` of each example at every visit, from the training forward pass *before* the
+    update on its minibatch. ``history`` (epochs, N) holds one value per epoch (NaN where an example was not visited)."""
 
-    def __init__(self, n: int):
-        self.n, self.current, self.history = n, torch.full((n,), float("nan")), []
+    def __init__(self, n: int, metric=None):
+        self.n, self.metric = n, metric or (lambda logits, y: (logits.argmax(1) == y).float())
+        self.current, self.history = torch.full((n,), float("nan")), []
 
     def on_batch_end(self, state, idx, logits, y) -> None:
-        self.current[idx.cpu()] = el2n(logits.float(), y).cpu()
+        self.current[idx.cpu()] = self.metric(logits.detach().float(), y).cpu()
 
     def on_epoch_end(self, state) -> None:
         self.history.append(self.current)
         self.current = torch.full((self.n,), float("nan"))
 
+
+class LearningDifficulty(VisitRecorder):
+    """Each example's EL2N at every visit, before the update on its minibatch (as the official lpNTK code does);
+    ``total`` (N,) is the sum over training, the learning difficulty (the area under the example's learning curve)."""
+
+    def __init__(self, n: int):
+        super().__init__(n, el2n)
+
     @property
     def total(self) -> torch.Tensor:
         return torch.stack(self.history).nansum(0) if self.history else torch.zeros(self.n)
+
+
+def forgetting_counts(correct: torch.Tensor) -> torch.Tensor:
+    """Toneva et al.'s forgetting score from per-visit correctness (epochs, N): the number of correct -> incorrect
+    transitions between consecutive visits; examples never classified correctly get +inf. Returns (N,)."""
+    c = torch.as_tensor(correct, dtype=torch.float)
+    events = ((c[:-1] == 1) & (c[1:] == 0)).sum(0).float()
+    return torch.where((c == 1).any(0), events, torch.full_like(events, float("inf")))
 
 
 def precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:

@@ -68,3 +68,11 @@ def test_learning_difficulty_sums_el2n_before_each_update():
     torch.testing.assert_close(ld.history[0], first)
     assert ld.history[1].shape == (12,) and torch.all(ld.history[1] != first)
     torch.testing.assert_close(ld.total, ld.history[0] + ld.history[1])
+
+
+def test_forgetting_counts_on_a_hand_made_sequence():
+    from mpe.regularity import forgetting_counts
+
+    per_example = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]])  # rows: examples, cols: visits
+    # 1 -> 0 transitions: 2; never correct: inf; 1; 0
+    assert forgetting_counts(per_example.T).tolist() == [2.0, float("inf"), 1.0, 0.0]

@@ -1,0 +1,80 @@
+r"""Data pruning rules (lpNTK paper, E8/E9) and the score baselines they are compared with.
+
+Every rule works per class and returns the indices to **keep** (sorted), so that each class loses the same fraction:
+
+- :func:`prune_clusters` — lpNTK's rule: farthest-point clusters of the within-class kernel; the redundant examples
+  are those in large clusters of mutually interchangeable examples, so members (never heads) are removed at random
+  from whichever cluster is currently the largest. The official ``node`` rule (keep a random half of the single
+  largest cluster) is the special case of removing half of that cluster.
+- :func:`prune_lowest` — remove the examples with the lowest score (EL2N, GraNd, forgetting count: the "easy" ones).
+- :func:`prune_random` — the random baseline.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import fpc, gram
+
+__all__ = ["prune_clusters", "prune_lowest", "prune_random", "grand_scores"]
+
+
+def _check(fraction):
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction to remove must lie in [0, 1), got {fraction}")
+
+
+def _per_class(y, fraction, choose):
+    _check(fraction)
+    y = torch.as_tensor(y)
+    keep = []
+    for c in torch.unique(y):
+        members = torch.nonzero(y == c).flatten()
+        n_remove = int(round(fraction * len(members)))
+        removed = set(choose(members, n_remove)) if n_remove else set()
+        keep += [int(i) for i in members if int(i) not in removed]
+    return torch.tensor(sorted(keep))
+
+
+def prune_random(y: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return _per_class(y, fraction, lambda m, k: m[torch.randperm(len(m), generator=g)[:k]].tolist())
+
+
+def prune_lowest(scores: torch.Tensor, y: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Remove the ``fraction`` of each class with the lowest ``scores`` (N,) (ties: lower index first)."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    return _per_class(y, fraction, lambda m, k: m[torch.argsort(scores[m], stable=True)[:k]].tolist())
+
+
+def prune_clusters(phi: torch.Tensor, y: torch.Tensor, fraction: float, cluster_ratio: float = 0.5,
+                   seed: int = 0) -> torch.Tensor:
+    """lpNTK pruning: per class, FPC (M = ⌊cluster_ratio·n_c⌋, raw similarity of the Gram matrix of ``phi`` (N, P)),
+    then remove random non-head members from the currently largest cluster until ``fraction`` of the class is gone."""
+    g = torch.Generator().manual_seed(seed)
+
+    def choose(members, k):
+        clusters = fpc(gram(phi[members]), max(1, int(cluster_ratio * len(members))), selfmax_guard=False)
+        pools = [[m for m in mem if m != h] for h, mem in clusters]  # heads are kept
+        pools = [[p[i] for i in torch.randperm(len(p), generator=g).tolist()] for p in pools]
+        removed = []
+        for _ in range(k):
+            j = max(range(len(pools)), key=lambda i: (len(pools[i]), -i))
+            if not pools[j]:
+                break
+            removed.append(int(members[pools[j].pop()]))
+        return removed
+
+    return _per_class(y, fraction, choose)
+
+
+def grand_scores(make_model, x: torch.Tensor, y: torch.Tensor, n_inits: int = 3) -> torch.Tensor:
+    """GraNd (Paul et al. 2021): E over ``n_inits`` initialisations of ‖∇_w ℓ(x_i, y_i)‖ at initialisation, (N,).
+    ``make_model(seed)`` returns an initialised model."""
+    from .curvature import per_example_grads
+
+    out = 0
+    for s in range(n_inits):
+        model = make_model(s)
+        out = out + torch.cat([per_example_grads(model, x[i:i + 256], y[i:i + 256]).norm(dim=1)
+                               for i in range(0, len(x), 256)])
+    return out / n_inits
