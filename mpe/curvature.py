@@ -67,14 +67,19 @@ def jacobians(model: nn.Module, x: torch.Tensor, chunk: int | None = None):
 
 
 def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example gradients of the cross-entropy ∇ℓ_i = J_iᵀ(p_i − y_i), shape (N, P)."""
+    """Per-example gradients of the cross-entropy ∇ℓ_i = J_iᵀ(p_i − y_i), shape (N, P), in eval mode (no dropout)."""
     f, params, names = _functional(model)
     device = next(model.parameters()).device
 
     def loss(prm, x1, y1):
         return F.cross_entropy(f(prm, x1).unsqueeze(0), y1.unsqueeze(0))
 
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.to(device), y.to(device))
+    was_training = model.training
+    model.eval()
+    try:
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.to(device), y.to(device))
+    finally:
+        model.train(was_training)
     return torch.cat([g[n].reshape(len(x), -1) for n in names], dim=1)
 
 

@@ -79,3 +79,8 @@ def test_every_notebook_is_wired_into_the_harness():
         assert set(yaml.safe_load(paper.read_text()) or {}) <= set(declared), nb
         cells = nbformat.read(path, as_version=4).cells
         assert any("NBVAL_CHECK_OUTPUT" in c.source for c in cells if c.cell_type == "code"), nb
+        params = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1, f"{nb}: needs exactly one cell tagged 'parameters'"
+        for line in params[0].source.splitlines():  # papermill cannot parse a comment holding "=" or an apostrophe
+            comment = line.split("#", 1)[1] if "#" in line else ""
+            assert "=" not in comment and "'" not in comment, f"{nb}: papermill cannot parse {line!r}"
