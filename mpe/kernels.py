@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vmap
 
-from .curvature import jacobians
+from .curvature import _functional, jacobians
 
 __all__ = ["KINDS", "signs", "features", "gram", "entk_blocks", "delta_q", "two_layer_relu_entk", "fpc"]
 
@@ -36,13 +36,11 @@ def signs(y: torch.Tensor, n_classes: int, kind: str = "lpntk") -> torch.Tensor:
 def features(model, x: torch.Tensor, y: torch.Tensor, kind: str = "lpntk", scale: float = 1.0,
              chunk: int = 256) -> torch.Tensor:
     """φ(x_n, y_n) = √scale · ∇_w[s(y_n)ᵀ z(x_n)] for every example, (N, P), in ``model.parameters()`` order."""
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
+    f, params, names = _functional(model)  # f(params, one example) -> logits (K,)
     device = next(model.parameters()).device
 
     def signed_sum(prm, x1, s1):
-        return functional_call(model, (prm, buffers), (x1.unsqueeze(0),)).squeeze(0) @ s1
+        return f(prm, x1) @ s1
 
     g = vmap(grad(signed_sum), in_dims=(None, 0, 0))
     was_training = model.training
