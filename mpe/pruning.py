@@ -6,6 +6,10 @@ Every rule works per class and returns the indices to **keep** (sorted), so that
   are those in large clusters of mutually interchangeable examples, so members (never heads) are removed at random
   from whichever cluster is currently the largest. The official ``node`` rule (keep a random half of the single
   largest cluster) is the special case of removing half of that cluster.
+- :func:`prune_single_linkage` — the official alternative (``hier``): merge the most similar pairs first (single
+  linkage, Kruskal) until as many groups remain as examples are kept, and keep one random member of each group.
+- :func:`average_similarity` + :func:`prune_lowest` — rank by the mean lpNTK to the own class and remove the most
+  typical examples (the official ``avg`` rule, with the order its ``--class-merged`` path intends).
 - :func:`prune_lowest` — remove the examples with the lowest score (EL2N, GraNd, forgetting count: the "easy" ones).
 - :func:`prune_random` — the random baseline.
 """
@@ -15,7 +19,8 @@ import torch
 
 from .kernels import fpc, gram
 
-__all__ = ["prune_clusters", "prune_lowest", "prune_random", "grand_scores"]
+__all__ = ["prune_clusters", "prune_single_linkage", "average_similarity", "prune_lowest", "prune_random",
+           "grand_scores"]
 
 
 def _check(fraction):
@@ -65,6 +70,51 @@ def prune_clusters(phi: torch.Tensor, y: torch.Tensor, fraction: float, cluster_
         return removed
 
     return _per_class(y, fraction, choose)
+
+
+def prune_single_linkage(phi: torch.Tensor, y: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Per class, single-linkage merging of the most similar pairs (Gram matrix of ``phi``) until the class has as many
+    groups as examples to keep; one random member of each group is kept."""
+    g = torch.Generator().manual_seed(seed)
+
+    def choose(members, k):
+        n = len(members)
+        sim = gram(phi[members])
+        iu = torch.triu_indices(n, n, offset=1)
+        order = torch.argsort(-sim[iu[0], iu[1]], stable=True)
+        parent = list(range(n))
+
+        def root(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        merges = 0
+        for e in order.tolist():
+            if merges == k:
+                break
+            a, b = root(int(iu[0, e])), root(int(iu[1, e]))
+            if a != b:
+                parent[b] = a
+                merges += 1
+        groups = {}
+        for i in range(n):
+            groups.setdefault(root(i), []).append(i)
+        kept = {grp[int(torch.randint(len(grp), (1,), generator=g))] for grp in groups.values()}
+        return [int(members[i]) for i in range(n) if i not in kept]
+
+    return _per_class(y, fraction, choose)
+
+
+def average_similarity(phi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean kernel value of each example to the examples of its own class (self included), (N,)."""
+    y = torch.as_tensor(y)
+    out = torch.empty(len(y), dtype=phi.dtype)
+    for c in torch.unique(y):
+        m = torch.nonzero(y == c).flatten()
+        out[m] = gram(phi[m]).mean(1)
+    return out
 
 
 def grand_scores(make_model, x: torch.Tensor, y: torch.Tensor, n_inits: int = 3) -> torch.Tensor:

@@ -30,3 +30,22 @@ def test_prune_clusters_removes_from_the_largest_group_of_near_duplicates():
     keep = prune_clusters(phi, y, 0.3, cluster_ratio=0.5)
     assert len(keep) == 7
     assert set(range(6, 10)) <= set(keep.tolist())  # only members of the redundant group were removed
+
+
+def test_single_linkage_keeps_one_of_each_near_duplicate_group():
+    from mpe.pruning import prune_single_linkage
+
+    g = torch.Generator().manual_seed(0)
+    centres = 5 * torch.randn(3, 8, generator=g)
+    phi = torch.cat([centres[k] + 0.01 * torch.randn(4, 8, generator=g) for k in range(3)])  # 3 groups of 4
+    y = torch.zeros(12, dtype=torch.long)
+    keep = prune_single_linkage(phi, y, 0.75)  # 9 merges: exactly the within-group pairs
+    assert len(keep) == 3 and sorted(int(i) // 4 for i in keep) == [0, 1, 2]
+
+
+def test_average_similarity_by_hand():
+    from mpe.pruning import average_similarity
+
+    phi = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    y = torch.tensor([0, 0, 1])
+    assert average_similarity(phi, y).tolist() == [1.0, 1.5, 4.0]  # (1 + 1) / 2, (1 + 2) / 2, 4 / 1
