@@ -11,7 +11,7 @@ import torch
 
 from .kernels import delta_q
 
-__all__ = ["ForgettingPredictor", "VisitRecorder", "LearningDifficulty", "forgetting_counts", "el2n",
+__all__ = ["ForgettingPredictor", "VisitRecorder", "LearningDifficulty", "forgetting_counts", "regularity", "el2n",
            "precision_recall_f1"]
 
 
@@ -51,10 +51,31 @@ class LearningDifficulty(VisitRecorder):
 
 def forgetting_counts(correct: torch.Tensor) -> torch.Tensor:
     """Toneva et al.'s forgetting score from per-visit correctness (epochs, N): the number of correct -> incorrect
-    transitions between consecutive visits; examples never classified correctly get +inf. Returns (N,)."""
+    transitions between consecutive visits, with +inf for examples never classified correctly (so that they sort
+    last, whatever the number of epochs). Returns (N,); see :func:`regularity` for the other measures."""
+    r = regularity(correct)
+    return torch.where(r["never"], torch.full_like(r["events"], float("inf")), r["events"])
+
+
+def regularity(correct: torch.Tensor) -> dict:
+    r"""Sample-regularity measures from a correctness history (T, N) (notes on the regularity paper, §1.2,
+    reconstructed): for training examples the per-visit correctness (:class:`VisitRecorder`), for test examples the
+    correctness at each evaluation (e.g. :class:`mpe.train.PerExampleRecorder` at every epoch end).
+
+    - ``cb``: the cumulative number of correct classifications, CBTL (train) or CBGL (test), (N,);
+    - ``cb_norm``: the same divided by the number of evaluations T (Jiang et al.'s cumulative accuracy), in [0, 1];
+    - ``events``: correct -> incorrect transitions, forgetting events (train) or mal-generalising events (test);
+    - ``never``: examples never classified correctly (they have ``cb = 0`` and no events);
+    - ``events_for_sorting``: ``events`` with the never-correct examples set to T, Toneva et al.'s rule for ranking.
+    """
     c = torch.as_tensor(correct, dtype=torch.float)
+    if c.dim() != 2 or not torch.all((c == 0) | (c == 1)):
+        raise ValueError("correct must be a (T, N) tensor of 0/1 values (no missing visits)")
+    t = c.shape[0]
     events = ((c[:-1] == 1) & (c[1:] == 0)).sum(0).float()
-    return torch.where((c == 1).any(0), events, torch.full_like(events, float("inf")))
+    never = ~(c == 1).any(0)
+    return dict(cb=c.sum(0), cb_norm=c.mean(0), events=events, never=never,
+                events_for_sorting=torch.where(never, torch.full_like(events, float(t)), events))
 
 
 def precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:

@@ -76,3 +76,20 @@ def test_forgetting_counts_on_a_hand_made_sequence():
     per_example = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]])  # rows: examples, cols: visits
     # 1 -> 0 transitions: 2; never correct: inf; 1; 0
     assert forgetting_counts(per_example.T).tolist() == [2.0, float("inf"), 1.0, 0.0]
+
+
+def test_regularity_measures_on_hand_made_sequences():
+    import pytest
+    from mpe.regularity import regularity
+
+    per_example = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1]])  # rows: examples, cols: time
+    r = regularity(per_example.T)
+    assert r["cb"].tolist() == [4, 0, 2, 3] and r["cb_norm"].tolist() == [1.0, 0.0, 0.5, 0.75]
+    assert r["events"].tolist() == [0, 0, 2, 0] and r["never"].tolist() == [False, True, False, False]
+    assert r["events_for_sorting"].tolist() == [0, 4, 2, 0]
+    # events are only possible at intermediate cumulative accuracy (the "inverted U" of the notes)
+    g = torch.Generator().manual_seed(0)
+    rand = regularity((torch.rand(20, 500, generator=g) < 0.5).float())
+    assert torch.all(rand["events"] <= torch.minimum(rand["cb"], 20 - rand["cb"]))
+    with pytest.raises(ValueError, match="0/1"):
+        regularity(torch.full((3, 2), float("nan")))
