@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 __all__ = ["Data", "load", "DATASETS", "DataNotAvailable", "ChecksumError", "read_idx",
-           "class_balanced_subset", "flip_labels", "fetch"]
+           "class_balanced_subset", "flip_labels", "permute_pixels", "fetch"]
 
 
 class DataNotAvailable(FileNotFoundError):
@@ -405,6 +405,19 @@ def flip_labels(y: torch.Tensor, fraction: float, n_classes: int, seed: int = 0)
     out = y.clone()
     out[idx] = (y[idx] + shift) % n_classes
     return out, torch.sort(idx).values
+
+
+def permute_pixels(data: Data, seed: int = 0) -> Data:
+    """Permuted MNIST (and friends): one random permutation of the pixel positions, the same for train and test and
+    for every channel, drawn from ``seed`` (Toneva's code draws one per seed; continual-learning tasks one per task)."""
+    n_pix = data.x_train.shape[-2] * data.x_train.shape[-1]
+    perm = torch.randperm(n_pix, generator=torch.Generator().manual_seed(seed))
+
+    def shuffle(x):
+        return x.flatten(-2)[..., perm].view_as(x)
+
+    return Data(f"permuted-{data.name}", shuffle(data.x_train), data.y_train, shuffle(data.x_test), data.y_test,
+                data.classes)
 
 
 def write_idx(array: np.ndarray, path, compresslevel: int = 9, filename_in_header: bool = True) -> None:

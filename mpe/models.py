@@ -13,7 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 
 __all__ = ["softmax_regression", "mlp", "lenet5", "cnn_3c3d", "resnet20_frn", "small_cnn", "lpntk_cnn",
-           "mnist_example_cnn", "get_model", "MODELS", "n_params"]
+           "mnist_example_cnn", "toneva_mnist_cnn", "resnet18", "get_model", "MODELS", "n_params"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -150,6 +150,43 @@ def mnist_example_cnn(in_shape=(1, 28, 28), n_classes: int = 10) -> nn.Sequentia
                          nn.Dropout(0.5), nn.Linear(128, n_classes))
 
 
+def toneva_mnist_cnn(in_shape=(1, 28, 28), n_classes: int = 10, dropout: bool = False) -> nn.Sequential:
+    """Toneva et al.'s MNIST network (the PyTorch example CNN, their ``run_mnist.py``): conv(10, 5) pool ReLU,
+    conv(20, 5) [Dropout2d] pool ReLU, fc 50 ReLU [dropout], fc; 21,840 parameters on 28x28. Their README runs use
+    no dropout, the default here."""
+    c, h, w = in_shape
+    h, w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    drop2, drop = (nn.Dropout2d(0.5), nn.Dropout(0.5)) if dropout else (nn.Identity(), nn.Identity())
+    return nn.Sequential(nn.Conv2d(c, 10, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(10, 20, 5), drop2, nn.MaxPool2d(2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(20 * h * w, 50), nn.ReLU(), drop, nn.Linear(50, n_classes))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, norm):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm(cout), nn.ReLU(),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), norm(cout))
+        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def resnet18(in_shape=(3, 32, 32), n_classes: int = 10, norm: str = "batch") -> nn.Sequential:
+    """The CIFAR ResNet-18 of Toneva et al. and lpNTK (3x3 stem, no max-pool, widths 64-512; 11.2M parameters).
+    ``norm="none"`` drops the batch norms (lpNTK's variant: per-example kernels need no cross-example coupling)."""
+    norms = {"batch": nn.BatchNorm2d, "none": lambda c: nn.Identity()}
+    if norm not in norms:
+        raise ValueError(f"unknown norm {norm!r}; valid choices: {', '.join(norms)}")
+    nf = norms[norm]
+    layers, cin = [nn.Conv2d(in_shape[0], 64, 3, 1, 1, bias=False), nf(64), nn.ReLU()], 64
+    for width, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [_BasicBlock(cin, width, stride, nf), _BasicBlock(width, width, 1, nf)]
+        cin = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes))
+
+
 MODELS = {
     "softmax_regression": softmax_regression,
     "small_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (32, 16), n_classes),
@@ -161,6 +198,8 @@ MODELS = {
     "small_cnn": small_cnn,
     "lpntk_cnn": lpntk_cnn,
     "mnist_example_cnn": mnist_example_cnn,
+    "toneva_mnist_cnn": toneva_mnist_cnn,
+    "resnet18": resnet18,
 }
 
 

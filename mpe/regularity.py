@@ -1,4 +1,12 @@
-r"""Per-example learning statistics as training callbacks: forgetting events and their one-step prediction.
+r"""Per-example learning statistics as training callbacks: regularity measures, forgetting events and their
+one-step prediction.
+
+**Regularity paper** (Zhang et al., notes §1.2, reconstructed from the abstract): one training run — the "unified
+computing procedure", :func:`unified_run` — records the correctness of every training example at each visit (before
+the update on its minibatch, Toneva et al.'s Algorithm 1) and of every test example at each epoch end. From a
+correctness history (T, N) :func:`regularity` gives CBTL / CBGL (cumulative correct classifications), forgetting /
+mal-generalising events and the never-correct flags. Baselines: Toneva's unforgettable examples, first-learning
+epoch and misclassification margin; Jiang et al.'s C-score by hold-out (:func:`cscore_holdout`).
 
 A *forgetting event* of example i at step t: i was classified correctly before the update of step t and wrongly
 after it. The lpNTK paper (Table 1, its official ``analysis/forget_el2n.py``) predicts these events for the examples
@@ -12,7 +20,9 @@ import torch
 from .kernels import delta_q
 
 __all__ = ["ForgettingPredictor", "VisitRecorder", "LearningDifficulty", "forgetting_counts", "regularity", "el2n",
-           "precision_recall_f1"]
+           "precision_recall_f1", "margin", "true_class_prob", "unified_run", "combine_runs", "first_learned",
+           "unforgettable", "misclassification_margin", "ranking", "windows", "cscore_holdout", "detection_curve",
+           "binned_accuracy"]
 
 
 def el2n(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -146,3 +156,162 @@ class ForgettingPredictor:
         return dict(tp=self.tp, fp=self.fp, fn=self.fn, tn=self.tn, precision=p, recall=r, f1=f1, events=events,
                     event_rate=events / max(self.checked, 1),
                     el2n_error=sum(self.el2n_errors) / max(len(self.el2n_errors), 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The regularity paper: one run, four measures (notes §1.2-§1.5), and the Toneva / Jiang baselines
+# ----------------------------------------------------------------------------------------------------------
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Toneva et al.'s classification margin (N,): the true class's logit minus the largest other logit."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).max(1).values
+    return true - other
+
+
+def true_class_prob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """p(y | x) (N,), the learning-speed proxy of Jiang et al. when accumulated over epochs."""
+    return torch.softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+
+
+def unified_run(model, data, *, offline: bool = True, **train_kw) -> dict:
+    r"""One training run that yields every regularity measure (notes §1.5), on ``data`` (:class:`mpe.data.Data`).
+
+    Returns CPU tensors, one row per epoch:
+
+    - ``train_visit`` (E, N): correctness of each training example at its visit, in train mode and before the update
+      on its minibatch (online; CBTL and forgetting events); ``train_margin`` (E, N) its margin there;
+    - ``train_epoch``, ``train_py`` (E, N): correctness and p(y|x) of every training example at each epoch end, in
+      eval mode (offline; only with ``offline=True``);
+    - ``test_epoch``, ``test_py`` (E, M): the same for the test examples (CBGL and mal-generalising events);
+    - ``test_acc`` (E,), ``train_loss`` (E,).
+
+    ``train_kw`` goes to :func:`mpe.train.train` (``epochs``, ``lr``, ...).
+    """
+    from .train import PerExampleRecorder, train
+
+    metrics = {"correct": lambda z, y: (z.argmax(1) == y).float(), "py": true_class_prob}
+    visit, visit_margin = VisitRecorder(len(data.y_train)), VisitRecorder(len(data.y_train), margin)
+    test = PerExampleRecorder(data.x_test, data.y_test, dict(metrics))
+    callbacks = [visit, visit_margin, test]
+    if offline:
+        callbacks.append(PerExampleRecorder(data.x_train, data.y_train, dict(metrics)))
+    state = train(model, data.x_train, data.y_train, callbacks=callbacks, **train_kw)
+    te = test.result()
+    out = dict(train_visit=torch.stack(visit.history), train_margin=torch.stack(visit_margin.history),
+               test_epoch=te["correct"], test_py=te["py"], test_acc=te["correct"].mean(1),
+               train_loss=torch.tensor(state.losses))
+    if offline:
+        tr = callbacks[-1].result()
+        out.update(train_epoch=tr["correct"], train_py=tr["py"])
+    return out
+
+
+def combine_runs(measures: list[dict]) -> dict:
+    """Combine :func:`regularity` outputs of several seeds as Toneva and the notes do (§1.3e): ``cb`` and
+    ``cb_norm`` are averaged, ``events`` and ``events_for_sorting`` summed, ``never`` holds where every run never
+    classified the example correctly."""
+    stack = {k: torch.stack([m[k] for m in measures]) for k in measures[0]}
+    return dict(cb=stack["cb"].mean(0), cb_norm=stack["cb_norm"].mean(0), events=stack["events"].sum(0),
+                events_for_sorting=stack["events_for_sorting"].sum(0), never=stack["never"].all(0))
+
+
+def first_learned(correct: torch.Tensor) -> torch.Tensor:
+    """The first evaluation (1-based) at which each example is correct, NaN if never; (T, N) -> (N,)."""
+    c = torch.as_tensor(correct) == 1
+    first = c.float().argmax(0).float() + 1
+    return torch.where(c.any(0), first, torch.full_like(first, float("nan")))
+
+
+def unforgettable(correct: torch.Tensor) -> torch.Tensor:
+    """Toneva's unforgettable examples (N,) bool: learned at some point and never misclassified afterwards.
+    Never-learned examples are *not* unforgettable."""
+    r = regularity(correct)
+    return ~r["never"] & (r["events"] == 0)
+
+
+def misclassification_margin(correct: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """Toneva's misclassification margin (N,): the mean margin at an example's forgetting events (the visits
+    where it was wrong right after being right), NaN for examples never forgotten. ``correct``, ``margins`` (T, N)."""
+    c = torch.as_tensor(correct) == 1
+    forgot = torch.zeros_like(c)
+    forgot[1:] = c[:-1] & ~c[1:]
+    total = torch.where(forgot, margins, torch.zeros_like(margins)).sum(0)
+    return total / forgot.sum(0)  # 0/0 = NaN for examples with no events
+
+
+def ranking(score: torch.Tensor, descending: bool = False, seed: int = 0) -> torch.Tensor:
+    """Indices (N,) that sort ``score`` with ties broken at random (the Toneva paper's rule; its code used argsort
+    order, notes pitfall 4)."""
+    score = torch.as_tensor(score, dtype=torch.float64)
+    perm = torch.randperm(len(score), generator=torch.Generator().manual_seed(seed))
+    order = torch.sort(score[perm], descending=descending, stable=True).indices
+    return perm[order]
+
+
+def windows(order: torch.Tensor, width: int, stride: int) -> list[tuple[int, torch.Tensor]]:
+    """Toneva's sliding-window removal (Fig. 5 right): consecutive blocks ``order[s:s+width]`` for s = 0, stride, ...
+    while the block is complete; returns [(s, indices)]."""
+    if not 0 < width <= len(order) or stride <= 0:
+        raise ValueError(f"need 0 < width <= {len(order)} and stride > 0, got width={width}, stride={stride}")
+    return [(s, order[s:s + width]) for s in range(0, len(order) - width + 1, stride)]
+
+
+def cscore_holdout(fit_predict, n: int, ratios=(0.25, 0.5, 0.75), runs: int = 4, seed: int = 0, cache=None,
+                   tag: dict | None = None, progress: bool = True) -> dict:
+    r"""Hold-out estimate of Jiang et al.'s consistency score C(x, y) = E_{D ~ P^n}[P(f(x; A(D)) = y)].
+
+    For each ratio s and run r, a random subset of ⌊s N⌋ training examples is drawn; ``fit_predict(train_idx,
+    heldout_idx, run_seed)`` trains on it and returns the correctness (len(heldout),) of the held-out examples.
+    Per ratio, an example's score is its mean correctness over the runs that held it out; ``score`` (N,) averages
+    the ratios (Jiang's "integral" C-score). Returns ``score``, ``per_ratio`` (R, N) and ``counts`` (R, N); every run
+    is a cached job (:func:`mpe.retrain.run_jobs`), keyed by ``tag`` (data, model, training settings).
+    """
+    from .retrain import job_key, run_jobs
+
+    if not all(0 < s < 1 for s in ratios) or runs < 1:
+        raise ValueError(f"ratios must lie in (0, 1) and runs >= 1, got {ratios}, {runs}")
+    splits = {}
+    for i, s in enumerate(ratios):
+        for r in range(runs):
+            run_seed = seed * 100_003 + i * 1009 + r
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(run_seed))
+            k = int(s * n)
+            splits[job_key(study="cscore", ratio=s, run=r, seed=seed, n=n, **(tag or {}))] = (i, perm[:k], perm[k:],
+                                                                                             run_seed)
+    jobs = {key: (lambda tr=tr, ho=ho, rs=rs: torch.as_tensor(fit_predict(tr, ho, rs)).float().cpu())
+            for key, (_, tr, ho, rs) in splits.items()}
+    res = run_jobs(jobs, cache, progress=progress, desc="C-score hold-out runs")
+    hits, counts = torch.zeros(len(ratios), n), torch.zeros(len(ratios), n)
+    for key, (i, _, ho, _) in splits.items():
+        hits[i, ho] += res[key]
+        counts[i, ho] += 1
+    per_ratio = hits / counts
+    return dict(score=per_ratio.nanmean(0), per_ratio=per_ratio, counts=counts)
+
+
+def detection_curve(score: torch.Tensor, positive: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inspect examples from the highest ``score`` down (ties at random): returns (fraction checked (N+1,),
+    fraction of the ``positive`` examples found (N+1,)), both starting at 0. Random inspection gives the diagonal."""
+    positive = torch.as_tensor(positive, dtype=torch.bool)
+    if not positive.any():
+        raise ValueError("no positive examples to find")
+    order = ranking(score, descending=True, seed=seed)
+    found = torch.cat([torch.zeros(1), positive[order].float().cumsum(0)]) / positive.sum()
+    return torch.arange(len(order) + 1) / len(order), found
+
+
+def binned_accuracy(correct: torch.Tensor, score: torch.Tensor, edges) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy of each model per score bin: ``correct`` (models, M) 0/1, ``score`` (M,), bins [e_k, e_{k+1})
+    (the last one closed). Returns (accuracy (models, B) with NaN for empty bins, counts (B,))."""
+    edges = torch.as_tensor(edges, dtype=torch.float64)
+    b = (torch.bucketize(torch.as_tensor(score, dtype=torch.float64), edges, right=True) - 1).clamp(max=len(edges) - 2)
+    inside = (torch.as_tensor(score, dtype=torch.float64) >= edges[0]) & (torch.as_tensor(score) <= edges[-1])
+    correct = torch.as_tensor(correct, dtype=torch.float)
+    acc = torch.full((correct.shape[0], len(edges) - 1), float("nan"))
+    counts = torch.zeros(len(edges) - 1, dtype=torch.long)
+    for k in range(len(edges) - 1):
+        m = inside & (b == k)
+        counts[k] = int(m.sum())
+        if counts[k]:
+            acc[:, k] = correct[:, m].mean(1)
+    return acc, counts

@@ -16,7 +16,7 @@ import torch
 
 from .train import flat_params, predict, set_flat_params, train
 
-__all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache"]
+__all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache", "subset_runs"]
 
 
 def default_cache(name: str) -> Path:
@@ -113,3 +113,13 @@ def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, 
     res = run_jobs(jobs, cache, desc=desc)
     outs = [res[k] for k in jobs]
     return outs[0], outs[1:]
+
+
+def subset_runs(fit, subsets: list, tag: dict, cache=None, desc: str = "retrain") -> list:
+    """Train from scratch on each kept subset: ``subsets`` is [(kept indices, seed)] and ``fit(kept, seed)`` returns
+    the result (e.g. the test accuracy). Each run is a cached job keyed by ``tag`` (data, model and every training
+    setting), the seed and a digest of the kept indices; identical runs are computed once."""
+    keys = [job_key(kept=tensor_digest(torch.as_tensor(idx)), seed=int(seed), **tag) for idx, seed in subsets]
+    jobs = {k: (lambda idx=idx, seed=seed: fit(idx, seed)) for k, (idx, seed) in zip(keys, subsets)}
+    res = run_jobs(jobs, cache, desc=desc)
+    return [res[k] for k in keys]

@@ -206,3 +206,18 @@ def test_synthetic_cifar10_has_cifar_shape_and_is_deterministic():
     a, b = D.load("synthetic-cifar10"), D.load("synthetic-cifar10")
     assert a.x_train.shape == (500, 3, 32, 32) and a.x_test.shape == (100, 3, 32, 32) and a.n_classes == 10
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+
+
+def test_permute_pixels_is_one_shared_permutation():
+    from mpe.data import Data, permute_pixels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, 3, 4, generator=g)
+    d = Data("toy", x, torch.arange(5), x[:2].clone(), torch.arange(2), tuple("abcde"))
+    p = permute_pixels(d, seed=3)
+    flat = p.x_train.flatten(-2)
+    perm = [int((x.flatten(-2)[0, 0] == v).nonzero()) for v in flat[0, 0]]  # recover it from one image
+    assert sorted(perm) == list(range(12)) and perm != list(range(12))
+    torch.testing.assert_close(flat, x.flatten(-2)[..., perm])  # same for every image and channel
+    torch.testing.assert_close(p.x_test, p.x_train[:2])  # and for the test part
+    assert permute_pixels(d, seed=3).x_train.equal(p.x_train) and not permute_pixels(d, seed=4).x_train.equal(p.x_train)

@@ -1,4 +1,5 @@
 """Forgetting events and their Eq. 1 prediction against a hand-written replay of the same SGD run."""
+import pytest
 import torch
 from torch import nn
 
@@ -93,3 +94,129 @@ def test_regularity_measures_on_hand_made_sequences():
     assert torch.all(rand["events"] <= torch.minimum(rand["cb"], 20 - rand["cb"]))
     with pytest.raises(ValueError, match="0/1"):
         regularity(torch.full((3, 2), float("nan")))
+
+
+# ---- the regularity paper's measures and the Toneva / Jiang baselines, on hand-made values -------------------------
+def test_margin_and_true_class_prob_by_hand():
+    from mpe.regularity import margin, true_class_prob
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    y = torch.tensor([0, 0])
+    assert margin(logits, y).tolist() == [1.0, -3.0]
+    torch.testing.assert_close(true_class_prob(logits, y), torch.softmax(logits, 1)[:, 0])
+
+
+def test_toneva_statistics_on_hand_made_sequences():
+    from mpe.regularity import first_learned, misclassification_margin, unforgettable
+
+    rows = torch.tensor([[0, 1, 1, 1], [1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]])  # examples x visits
+    c = rows.T
+    first = first_learned(c)
+    assert first[[0, 1, 3, 4]].tolist() == [2.0, 1.0, 1.0, 1.0] and torch.isnan(first[2])
+    assert unforgettable(c).tolist() == [True, False, False, True, False]
+    m = torch.tensor([[-1.0, 0.5, 0.6, 0.7], [0.5, -0.2, 0.3, 0.4], [-1, -1, -1, -1], [1, 1, 1, 1],
+                      [0.5, -0.2, 0.3, -0.4]]).T
+    mm = misclassification_margin(c, m)
+    torch.testing.assert_close(mm[[1, 4]], torch.tensor([-0.2, -0.3]))
+    assert torch.isnan(mm[[0, 2, 3]]).all()
+
+
+def test_regularity_counts_and_combining_seeds():
+    from mpe.regularity import combine_runs, regularity
+
+    a = regularity(torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]]).T)
+    assert a["cb"].tolist() == [2.0, 0.0] and a["events"].tolist() == [2.0, 0.0]
+    assert a["never"].tolist() == [False, True] and a["events_for_sorting"].tolist() == [2.0, 4.0]
+    b = regularity(torch.tensor([[1, 1, 1, 1], [0, 1, 0, 0]]).T)
+    both = combine_runs([a, b])
+    assert both["cb_norm"].tolist() == [0.75, 0.125]
+    assert both["events"].tolist() == [2.0, 1.0] and both["events_for_sorting"].tolist() == [2.0, 5.0]
+    assert both["never"].tolist() == [False, False]
+
+
+def test_ranking_breaks_ties_at_random_and_windows_tile_the_order():
+    from mpe.regularity import ranking, windows
+
+    score = torch.tensor([2.0, 1.0, 2.0, 0.0, 1.0, 2.0])
+    orders = {tuple(ranking(score, seed=s).tolist()) for s in range(20)}
+    for o in orders:
+        assert score[list(o)].tolist() == sorted(score.tolist())
+    assert len(orders) > 1  # tie order depends on the seed
+    assert ranking(score, descending=True, seed=0)[:3].sort().values.tolist() == [0, 2, 5]
+    w = windows(torch.arange(10), 4, 3)
+    assert [s for s, _ in w] == [0, 3, 6] and w[1][1].tolist() == [3, 4, 5, 6]
+    with pytest.raises(ValueError):
+        windows(torch.arange(3), 4, 1)
+
+
+def test_cscore_holdout_averages_heldout_correctness_per_ratio(tmp_path):
+    from mpe.regularity import cscore_holdout
+
+    n, calls = 30, []
+    g = torch.Generator().manual_seed(0)
+
+    def fit_predict(train_idx, heldout_idx, run_seed):
+        assert len(set(train_idx.tolist()) & set(heldout_idx.tolist())) == 0
+        assert len(train_idx) + len(heldout_idx) == n
+        out = torch.randint(0, 2, (len(heldout_idx),), generator=g)
+        calls.append((len(train_idx), heldout_idx.clone(), out))
+        return out
+
+    res = cscore_holdout(fit_predict, n, ratios=(0.2, 0.6), runs=3, cache=tmp_path, tag=dict(t=1), progress=False)
+    assert len(calls) == 6
+    for i, k in enumerate((6, 18)):  # ⌊s n⌋ training examples per ratio
+        hits, cnt = torch.zeros(n), torch.zeros(n)
+        for size, ho, out in calls:
+            if size == k:
+                hits[ho] += out.float()
+                cnt[ho] += 1
+        torch.testing.assert_close(res["per_ratio"][i], hits / cnt, equal_nan=True)
+        assert res["counts"][i].tolist() == cnt.tolist()
+    again = cscore_holdout(fit_predict, n, ratios=(0.2, 0.6), runs=3, cache=tmp_path, tag=dict(t=1), progress=False)
+    assert len(calls) == 6  # every run came from the cache
+    torch.testing.assert_close(again["score"], res["score"], equal_nan=True)
+
+
+def test_detection_curve_and_binned_accuracy_by_hand():
+    from mpe.regularity import binned_accuracy, detection_curve
+
+    checked, found = detection_curve(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([True, False, True]))
+    torch.testing.assert_close(checked, torch.tensor([0, 1 / 3, 2 / 3, 1]))
+    torch.testing.assert_close(found, torch.tensor([0.0, 0.5, 1.0, 1.0]))
+    correct = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 1, 0, 0]])
+    acc, counts = binned_accuracy(correct, torch.tensor([0.0, 0.2, 0.5, 1.0, 0.9]), [0.0, 0.5, 1.0])
+    assert counts.tolist() == [2, 3]
+    torch.testing.assert_close(acc, torch.tensor([[0.5, 2 / 3], [1.0, 1 / 3]]))
+
+
+def test_unified_run_full_batch_visit_equals_previous_epoch_end():
+    """With full-batch steps the visit of epoch e sees the parameters at the end of epoch e-1: the online and the
+    offline histories are the same sequence shifted by one epoch (a deterministic model, no dropout)."""
+    from mpe.data import Data
+    from mpe.regularity import unified_run
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 1, 1, 4, generator=g), torch.randint(0, 3, (60,), generator=g)
+    data = Data("toy", x[:40], y[:40], x[40:], y[40:], ("a", "b", "c"))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    out = unified_run(net, data, epochs=6, lr=0.5, batch_size=None, momentum=0.0, schedule="constant")
+    assert out["train_visit"].shape == out["train_epoch"].shape == (6, 40) and out["test_epoch"].shape == (6, 20)
+    torch.testing.assert_close(out["train_visit"][1:], out["train_epoch"][:-1])
+    torch.testing.assert_close(out["test_acc"], out["test_epoch"].mean(1))
+    assert (out["train_margin"] > 0).eq(out["train_visit"] == 1).all()
+
+
+def test_subset_runs_cache_each_distinct_run_once(tmp_path):
+    from mpe.retrain import subset_runs
+
+    calls = []
+
+    def fit(idx, seed):
+        calls.append((tuple(idx.tolist()), seed))
+        return float(idx.sum()) + seed
+
+    subsets = [(torch.tensor([0, 1]), 0), (torch.tensor([0, 1]), 0), (torch.tensor([2]), 1)]
+    assert subset_runs(fit, subsets, dict(study="t"), tmp_path) == [1.0, 1.0, 3.0]
+    assert len(calls) == 2
+    assert subset_runs(fit, subsets, dict(study="t"), tmp_path) == [1.0, 1.0, 3.0] and len(calls) == 2
