@@ -199,6 +199,7 @@ MODELS = {
     "lpntk_cnn": lpntk_cnn,
     "mnist_example_cnn": mnist_example_cnn,
     "toneva_mnist_cnn": toneva_mnist_cnn,
+    "jiang_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (512, 256), n_classes, "relu"),
     "resnet18": resnet18,
 }
 

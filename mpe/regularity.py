@@ -20,7 +20,7 @@ import torch
 from .kernels import delta_q
 
 __all__ = ["ForgettingPredictor", "VisitRecorder", "LearningDifficulty", "forgetting_counts", "regularity", "el2n",
-           "precision_recall_f1", "margin", "true_class_prob", "unified_run", "combine_runs", "first_learned",
+           "precision_recall_f1", "margin", "true_class_prob", "unified_run", "unified_runs", "combine_runs", "first_learned",
            "unforgettable", "misclassification_margin", "ranking", "windows", "cscore_holdout", "detection_curve",
            "binned_accuracy"]
 
@@ -204,6 +204,29 @@ def unified_run(model, data, *, offline: bool = True, **train_kw) -> dict:
         tr = callbacks[-1].result()
         out.update(train_epoch=tr["correct"], train_py=tr["py"])
     return out
+
+
+def unified_runs(data, model: str, seeds, *, device=None, offline: bool = True, cache=None, progress: bool = True,
+                 **train_kw) -> list[dict]:
+    """:func:`unified_run` of the named model (initialised with each seed, minibatch order from the same seed) for
+    every seed, as cached jobs keyed by the data, the model, the seed and every training setting, so notebooks that
+    share a setting share the runs and an interrupted sweep resumes."""
+    from .models import get_model
+    from .retrain import job_key, run_jobs, tensor_digest
+
+    digest = tensor_digest(data.x_train) + tensor_digest(data.y_train) + tensor_digest(data.x_test)
+
+    def job(seed):
+        def run():
+            net = get_model(model, data.shape, data.n_classes, seed=seed)
+            net = net.to(device) if device is not None else net
+            return unified_run(net, data, offline=offline, seed=seed, **train_kw)
+        return run
+
+    keys = {seed: job_key(study="unified_run", data=digest, model=model, seed=seed, offline=offline, **train_kw)
+            for seed in seeds}
+    res = run_jobs({keys[s]: job(s) for s in seeds}, cache, progress=progress, desc=f"{model} runs")
+    return [res[keys[s]] for s in seeds]
 
 
 def combine_runs(measures: list[dict]) -> dict:

@@ -6,6 +6,7 @@ from mpe.models import get_model, n_params
 COUNTS = {"small_mlp": ((1, 28, 28), 25_818), "large_mlp": ((1, 28, 28), 545_810), "lenet5": ((1, 28, 28), 61_706),
           "cnn_3c3d": ((3, 32, 32), 895_210), "resnet20_frn": ((3, 32, 32), 274_042),
           "mnist_example_cnn": ((1, 28, 28), 1_199_882), "toneva_mnist_cnn": ((1, 28, 28), 21_840),
+          "jiang_mlp": ((1, 28, 28), 535_818),
           "resnet18": ((3, 32, 32), 11_173_962)}
 
 
