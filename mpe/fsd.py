@@ -1,0 +1,222 @@
+r"""Function-space distance (FSD) between two networks and its approximations (LAFTR paper, notes §1).
+
+    D_ρ(θ₀, θ₁) = E_x ρ(f(x, θ₀), f(x, θ₁)),
+
+with ρ one of :data:`METRICS`: ``"kl"`` = KL(softmax(y⁰) ‖ softmax(y¹)) (classification), ``"euclidean"`` =
+½‖y¹ − y⁰‖² (regression) and ``"softmax_l2"`` = ½‖softmax(y¹) − softmax(y⁰)‖² (the official code's other option).
+
+Approximations, for ReLU MLPs (``nn.Sequential`` of Flatten, Linear and ReLU):
+
+- :func:`laftr` — the Linearized Activation Function TRick on data: the exact difference network with the ReLU
+  replaced by the gate of the *old* network, Δa = 1[s⁰ > 0] ⊙ Δs, and the *new* weights W₁ in the propagation
+  (Δs = ΔW a⁰ + W₁ Δa + Δb). Exact for linear networks and whenever no gate flips.
+- :func:`ntk` — the parameter-linearised network f(x, θ₀) + J Δθ: the same recurrence with W₀ in place of W₁.
+- :func:`laftr_bernoulli` — the parametric LAFTR: inputs from a Gaussian fitted to the data (:func:`input_gaussian`)
+  and independent Bernoulli gates with p = the fraction of inputs on which each unit is active
+  (:func:`unit_probs`, one number per unit), by Monte Carlo; :func:`laftr_bernoulli_exact` is its closed form for the
+  Euclidean metric (notes §1.8b: the official ``determ_fsd`` misses terms and is about 2× too small).
+- :func:`quadratic` — ½ Δθᵀ G Δθ / N with the Gauss-Newton matrix in diagonal (EWC) or K-FAC form.
+
+Every estimate is differentiable in the new network's parameters, so it can serve as a continual-learning
+regulariser or as the data term of the PBRF.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["METRICS", "rho", "fsd", "mlp_linears", "laftr", "ntk", "unit_probs", "input_gaussian", "laftr_bernoulli",
+           "laftr_bernoulli_exact", "quadratic", "memory"]
+
+METRICS = ("kl", "euclidean", "softmax_l2")
+
+
+def rho(y0: torch.Tensor, y1: torch.Tensor, metric: str = "kl") -> torch.Tensor:
+    """ρ(y⁰, y¹) per example (N,) for outputs (N, K); y⁰ is the reference (old) network's."""
+    if metric == "kl":
+        logp0 = F.log_softmax(y0, 1)
+        return (logp0.exp() * (logp0 - F.log_softmax(y1, 1))).sum(1)
+    if metric == "euclidean":
+        return 0.5 * (y1 - y0).pow(2).sum(1)
+    if metric == "softmax_l2":
+        return 0.5 * (F.softmax(y1, 1) - F.softmax(y0, 1)).pow(2).sum(1)
+    raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
+
+
+def fsd(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl",
+        batch_size: int = 4096) -> torch.Tensor:
+    """The true FSD over the examples x (N, ...): the mean of ρ, differentiable in ``model1``'s parameters (the
+    reference outputs are detached). Both models are used as they are (call ``.eval()`` for dropout or BN)."""
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        with torch.no_grad():
+            y0 = model0(xb)
+        total = total + rho(y0, model1(xb), metric).sum()
+    return total / len(x)
+
+
+def mlp_linears(model: nn.Module) -> list[nn.Linear]:
+    """The Linear layers of a ReLU MLP (Flatten? Linear (ReLU Linear)*); a clear error for other architectures."""
+    mods = [m for m in model.children() if not isinstance(m, (nn.Flatten, nn.Identity))] \
+        if isinstance(model, nn.Sequential) else [model]
+    ok = (len(mods) % 2 == 1 and all(isinstance(m, nn.Linear) for m in mods[::2])
+          and all(isinstance(m, nn.ReLU) for m in mods[1::2]))
+    if not ok:
+        raise NotImplementedError("this FSD approximation handles ReLU MLPs (Linear, ReLU, ..., Linear) only; got "
+                                  + ", ".join(type(m).__name__ for m in mods))
+    return mods[::2]
+
+
+def _difference_network(model0, model1, x, carry_new: bool):
+    """(y⁰, Δy) of the old network and the linearised difference network; ``carry_new`` picks W₁ (LAFTR) or W₀
+    (NTK) for propagating Δa. Gates: 1[s⁰ > 0] of the old network."""
+    l0, l1 = mlp_linears(model0), mlp_linears(model1)
+    a0 = x.flatten(1)
+    da = torch.zeros_like(a0)
+    for k, (m0, m1) in enumerate(zip(l0, l1)):
+        w0, b0 = m0.weight.detach(), m0.bias.detach()
+        s0 = F.linear(a0, w0, b0)
+        ds = F.linear(a0, m1.weight - w0, m1.bias - b0) + F.linear(da, m1.weight if carry_new else w0)
+        if k == len(l0) - 1:
+            return s0, ds
+        gate = (s0 > 0).to(s0.dtype)
+        a0, da = s0 * gate, ds * gate
+
+
+def laftr(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl") -> torch.Tensor:
+    """LAFTR on data x (N, ...): mean ρ(y⁰, y⁰ + Δy) with Δa = 1[s⁰ > 0] ⊙ Δs and Δs = ΔW a⁰ + W₁ Δa + Δb."""
+    y0, dy = _difference_network(model0, model1, x, carry_new=True)
+    return rho(y0, y0 + dy, metric).mean()
+
+
+def ntk(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl") -> torch.Tensor:
+    """The NTK-linearised FSD on data x: mean ρ(f(x, θ₀), f(x, θ₀) + J(x) Δθ)."""
+    y0, dy = _difference_network(model0, model1, x, carry_new=False)
+    return rho(y0, y0 + dy, metric).mean()
+
+
+@torch.no_grad()
+def unit_probs(model0: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """p per hidden layer (n_ℓ,): the fraction of the inputs x on which each ReLU unit of the old network is active
+    (s⁰ ≥ 0) — LAFTR's one parameter per unit."""
+    lin = mlp_linears(model0)
+    a, out = x.flatten(1), []
+    for m in lin[:-1]:
+        s = m(a)
+        out.append((s >= 0).float().mean(0))
+        a = torch.relu(s)
+    return out
+
+
+def input_gaussian(x: torch.Tensor, jitter: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and covariance (D, D) of the flattened inputs, plus ``jitter``·I (as the official code)."""
+    f = x.flatten(1).double()
+    mu = f.mean(0)
+    cov = torch.cov(f.T, correction=0) + jitter * torch.eye(f.shape[1], dtype=f.dtype)
+    return mu.to(x.dtype), cov.to(x.dtype)
+
+
+def laftr_bernoulli(model0: nn.Module, model1: nn.Module, probs: list[torch.Tensor], x: torch.Tensor,
+                    metric: str = "kl", generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""The parametric LAFTR by Monte Carlo on input samples x (S, ...) — Gaussian draws (:func:`input_gaussian`)
+    or a stored coreset — with independent gates m ~ Bernoulli(p) per sample and unit, the same gate on both
+    networks: a⁰ = m ⊙ s⁰ (gated pre-activations) and Δa = m ⊙ Δs. Returns the mean ρ over the samples."""
+    l0, l1 = mlp_linears(model0), mlp_linears(model1)
+    if len(probs) != len(l0) - 1:
+        raise ValueError(f"need one probability vector per hidden layer ({len(l0) - 1}), got {len(probs)}")
+    a0 = x.flatten(1)
+    da = torch.zeros_like(a0)
+    for k, (m0, m1) in enumerate(zip(l0, l1)):
+        w0, b0 = m0.weight.detach(), m0.bias.detach()
+        s0 = F.linear(a0, w0, b0)
+        ds = F.linear(a0, m1.weight - w0, m1.bias - b0) + F.linear(da, m1.weight)
+        if k == len(l0) - 1:
+            return rho(s0, s0 + ds, metric).mean()
+        gate = torch.bernoulli(probs[k].to(s0).expand_as(s0), generator=generator)
+        a0, da = s0 * gate, ds * gate
+
+
+def laftr_bernoulli_exact(model0: nn.Module, model1: nn.Module, probs: list[torch.Tensor], mu: torch.Tensor,
+                          cov: torch.Tensor) -> torch.Tensor:
+    r"""E[½‖Δy‖²] of the parametric LAFTR in closed form (notes §1.8b), for x ~ N(μ, Σ) and Bernoulli gates.
+
+    With z = [a⁰; Δa], each layer maps u = A z + c, A = [[W₀, 0], [ΔW, W₁]], c = [b₀; Δb], then z′ = M ⊙ u with
+    M = [m; m]: E z′ = [p; p] ⊙ E u and E z′z′ᵀ = E[MMᵀ] ⊙ E uuᵀ, where E[MMᵀ] = p pᵀ off the unit's own four
+    entries, which are p_k (m_k² = m_k). O(n²) memory per layer: for MLPs."""
+    l0, l1 = mlp_linears(model0), mlp_linears(model1)
+    d = mu.numel()
+    ez = torch.cat([mu, torch.zeros_like(mu)]).double()
+    ezz = torch.zeros(2 * d, 2 * d, dtype=torch.float64)
+    ezz[:d, :d] = (cov + torch.outer(mu, mu)).double()
+    for k, (m0, m1) in enumerate(zip(l0, l1)):
+        w0, w1 = m0.weight.double(), m1.weight.double()
+        c = torch.cat([m0.bias, m1.bias - m0.bias]).double()
+        if k == len(l0) - 1:  # Δy = [ΔW, W₁] z + Δb
+            B, db = torch.cat([w1 - w0, w1], 1), c[len(m0.bias):]
+            eb = B @ ez
+            return 0.5 * (torch.trace(B @ ezz @ B.T) + 2 * eb @ db + db @ db)
+        n = w0.shape[0]
+        A = torch.cat([torch.cat([w0, torch.zeros_like(w0)], 1), torch.cat([w1 - w0, w1], 1)], 0)
+        eu = A @ ez + c
+        ae = A @ ez
+        euu = A @ ezz @ A.T + torch.outer(ae, c) + torch.outer(c, ae) + torch.outer(c, c)
+        p = torch.cat([probs[k], probs[k]]).double()
+        emm = torch.outer(p, p)
+        i = torch.arange(n)
+        for r, s in ((i, i), (i, i + n), (i + n, i), (i + n, i + n)):
+            emm[r, s] = p[:n]
+        ez, ezz = p * eu, emm * euu
+
+
+def quadratic(model0: nn.Module, model1: nn.Module, x: torch.Tensor, form: str = "diag") -> torch.Tensor:
+    r"""½ Δθᵀ Ĝ Δθ with Ĝ the KL metric's Gauss-Newton (Fisher) matrix of the old network averaged over x, in
+    ``form`` "diag" (EWC) or "kfac" (per layer (1/T) A ⊗ G, :func:`mpe.curvature.kfac_factors`). For an
+    efficient regulariser compute Ĝ once; this function recomputes it and is meant for evaluation."""
+    from .curvature import ggn_diag, kfac_factors
+
+    delta = [p1 - p0.detach() for p0, p1 in zip(model0.parameters(), model1.parameters())]
+    if form == "diag":
+        g = ggn_diag(model0, x) / len(x)
+        return 0.5 * (g * torch.cat([d.reshape(-1) for d in delta]).pow(2)).sum()
+    if form == "kfac":
+        layers = [m for m in model0.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        by_param = dict(zip([id(p) for p in model0.parameters()], delta))
+        total = 0.0
+        for m, (A, G, count) in zip(layers, kfac_factors(model0, x)):
+            dw = by_param[id(m.weight)].reshape(m.weight.shape[0], -1)
+            if m.bias is not None:
+                dw = torch.cat([dw, by_param[id(m.bias)][:, None]], 1)
+            total = total + torch.trace(G @ dw @ A @ dw.T) / count
+        return 0.5 * total / len(x)  # kfac_factors approximate the GGN summed over the examples
+    raise ValueError(f"unknown form {form!r}; valid choices: diag, kfac")
+
+
+def memory(model: nn.Module, in_shape, n_coreset: int = 0) -> dict:
+    """Numbers stored per task by each FSD approximation, besides the parameters θ* every method keeps: the
+    diagonal Fisher (P), the K-FAC factors (Σ (d_in + 1)² + d_out², d_in = C_in·k·k for convolutions), LAFTR's
+    Bernoulli probabilities (one per ReLU output: per unit, or per channel and position in conv nets), the
+    Gaussian input statistics (μ and the unique entries of Σ; diagonal Σ: 2D) and a coreset of ``n_coreset``
+    inputs."""
+    d = math.prod(in_shape)
+    units = []
+    hooks = [m.register_forward_hook(lambda m, i, o: units.append(o[0].numel()))
+             for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *in_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    kfac = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            kfac += (m.in_features + (m.bias is not None)) ** 2 + m.out_features ** 2
+        elif isinstance(m, nn.Conv2d):
+            kfac += (m.in_channels * math.prod(m.kernel_size) + (m.bias is not None)) ** 2 + m.out_channels ** 2
+    return {"parameters (diagonal Fisher)": sum(p.numel() for p in model.parameters()), "K-FAC factors": kfac,
+            "LAFTR Bernoulli probabilities": sum(units), "Gaussian inputs (full covariance)": d + d * (d + 1) // 2,
+            "Gaussian inputs (diagonal)": 2 * d, "coreset": n_coreset * d}
