@@ -15,7 +15,8 @@ Approximations, for ReLU MLPs (``nn.Sequential`` of Flatten, Linear and ReLU):
   and independent Bernoulli gates with p = the fraction of inputs on which each unit is active
   (:func:`unit_probs`, one number per unit), by Monte Carlo; :func:`laftr_bernoulli_exact` is its closed form for the
   Euclidean metric (notes §1.8b: the official ``determ_fsd`` misses terms and is about 2× too small).
-- :func:`quadratic` — ½ Δθᵀ G Δθ / N with the Gauss-Newton matrix in diagonal (EWC) or K-FAC form.
+- :func:`quadratic` — ½ Δθᵀ G Δθ / N with the Gauss-Newton matrix in diagonal (EWC) or K-FAC form, computed once
+  and returned as a penalty function of the new network.
 
 Every estimate is differentiable in the new network's parameters, so it can serve as a continual-learning
 regulariser or as the data term of the PBRF.
@@ -29,13 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["METRICS", "rho", "fsd", "mlp_linears", "laftr", "ntk", "unit_probs", "input_gaussian", "laftr_bernoulli",
-           "laftr_bernoulli_exact", "quadratic", "memory"]
+           "laftr_bernoulli_exact", "quadratic", "Head", "memory"]
 
 METRICS = ("kl", "euclidean", "softmax_l2")
 
 
-def rho(y0: torch.Tensor, y1: torch.Tensor, metric: str = "kl") -> torch.Tensor:
-    """ρ(y⁰, y¹) per example (N,) for outputs (N, K); y⁰ is the reference (old) network's."""
+def rho(y0: torch.Tensor, y1: torch.Tensor, metric: str = "kl", outputs=None) -> torch.Tensor:
+    """ρ(y⁰, y¹) per example (N,) for outputs (N, K); y⁰ is the reference (old) network's. ``outputs`` (indices)
+    restricts both to one task's head first (multi-head continual learning)."""
+    if outputs is not None:
+        y0, y1 = y0[:, outputs], y1[:, outputs]
     if metric == "kl":
         logp0 = F.log_softmax(y0, 1)
         return (logp0.exp() * (logp0 - F.log_softmax(y1, 1))).sum(1)
@@ -46,7 +50,7 @@ def rho(y0: torch.Tensor, y1: torch.Tensor, metric: str = "kl") -> torch.Tensor:
     raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
 
 
-def fsd(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl",
+def fsd(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl", outputs=None,
         batch_size: int = 4096) -> torch.Tensor:
     """The true FSD over the examples x (N, ...): the mean of ρ, differentiable in ``model1``'s parameters (the
     reference outputs are detached). Both models are used as they are (call ``.eval()`` for dropout or BN)."""
@@ -55,7 +59,7 @@ def fsd(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl
         xb = x[i:i + batch_size]
         with torch.no_grad():
             y0 = model0(xb)
-        total = total + rho(y0, model1(xb), metric).sum()
+        total = total + rho(y0, model1(xb), metric, outputs).sum()
     return total / len(x)
 
 
@@ -87,16 +91,16 @@ def _difference_network(model0, model1, x, carry_new: bool):
         a0, da = s0 * gate, ds * gate
 
 
-def laftr(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl") -> torch.Tensor:
+def laftr(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl", outputs=None) -> torch.Tensor:
     """LAFTR on data x (N, ...): mean ρ(y⁰, y⁰ + Δy) with Δa = 1[s⁰ > 0] ⊙ Δs and Δs = ΔW a⁰ + W₁ Δa + Δb."""
     y0, dy = _difference_network(model0, model1, x, carry_new=True)
-    return rho(y0, y0 + dy, metric).mean()
+    return rho(y0, y0 + dy, metric, outputs).mean()
 
 
-def ntk(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl") -> torch.Tensor:
+def ntk(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl", outputs=None) -> torch.Tensor:
     """The NTK-linearised FSD on data x: mean ρ(f(x, θ₀), f(x, θ₀) + J(x) Δθ)."""
     y0, dy = _difference_network(model0, model1, x, carry_new=False)
-    return rho(y0, y0 + dy, metric).mean()
+    return rho(y0, y0 + dy, metric, outputs).mean()
 
 
 @torch.no_grad()
@@ -121,7 +125,7 @@ def input_gaussian(x: torch.Tensor, jitter: float = 1e-4) -> tuple[torch.Tensor,
 
 
 def laftr_bernoulli(model0: nn.Module, model1: nn.Module, probs: list[torch.Tensor], x: torch.Tensor,
-                    metric: str = "kl", generator: torch.Generator | None = None) -> torch.Tensor:
+                    metric: str = "kl", generator: torch.Generator | None = None, outputs=None) -> torch.Tensor:
     r"""The parametric LAFTR by Monte Carlo on input samples x (S, ...) — Gaussian draws (:func:`input_gaussian`)
     or a stored coreset — with independent gates m ~ Bernoulli(p) per sample and unit, the same gate on both
     networks: a⁰ = m ⊙ s⁰ (gated pre-activations) and Δa = m ⊙ Δs. Returns the mean ρ over the samples."""
@@ -135,7 +139,7 @@ def laftr_bernoulli(model0: nn.Module, model1: nn.Module, probs: list[torch.Tens
         s0 = F.linear(a0, w0, b0)
         ds = F.linear(a0, m1.weight - w0, m1.bias - b0) + F.linear(da, m1.weight)
         if k == len(l0) - 1:
-            return rho(s0, s0 + ds, metric).mean()
+            return rho(s0, s0 + ds, metric, outputs).mean()
         gate = torch.bernoulli(probs[k].to(s0).expand_as(s0), generator=generator)
         a0, da = s0 * gate, ds * gate
 
@@ -172,26 +176,50 @@ def laftr_bernoulli_exact(model0: nn.Module, model1: nn.Module, probs: list[torc
         ez, ezz = p * eu, emm * euu
 
 
-def quadratic(model0: nn.Module, model1: nn.Module, x: torch.Tensor, form: str = "diag") -> torch.Tensor:
-    r"""½ Δθᵀ Ĝ Δθ with Ĝ the KL metric's Gauss-Newton (Fisher) matrix of the old network averaged over x, in
-    ``form`` "diag" (EWC) or "kfac" (per layer (1/T) A ⊗ G, :func:`mpe.curvature.kfac_factors`). For an
-    efficient regulariser compute Ĝ once; this function recomputes it and is meant for evaluation."""
+class Head(nn.Module):
+    """A view of ``model`` that returns only the logits ``outputs`` (one task's head)."""
+
+    def __init__(self, model: nn.Module, outputs):
+        super().__init__()
+        self.model, self.outputs = model, outputs
+
+    def forward(self, x):
+        out = self.model(x)
+        return out if self.outputs is None else out[:, self.outputs]
+
+
+def quadratic(model0: nn.Module, x: torch.Tensor, form: str = "diag", outputs=None):
+    r"""The quadratic FSD approximation ½ Δθᵀ Ĝ Δθ around the old network, as a function of the new one.
+
+    Ĝ is the KL metric's Gauss-Newton (Fisher) matrix of ``model0`` (restricted to the head ``outputs``) averaged
+    over x, computed once here: "diag" (EWC; P numbers) or "kfac" (per Linear/Conv2d layer (1/T) A ⊗ G from
+    :func:`mpe.curvature.kfac_factors`). Returns ``penalty(model1) -> scalar``, differentiable in ``model1``."""
     from .curvature import ggn_diag, kfac_factors
 
-    delta = [p1 - p0.detach() for p0, p1 in zip(model0.parameters(), model1.parameters())]
+    theta0 = [p.detach().clone() for p in model0.parameters()]
+    head = Head(model0, outputs)
     if form == "diag":
-        g = ggn_diag(model0, x) / len(x)
-        return 0.5 * (g * torch.cat([d.reshape(-1) for d in delta]).pow(2)).sum()
+        g = ggn_diag(head, x) / len(x)
+
+        def penalty(model1):
+            d = torch.cat([(p1 - p0).reshape(-1) for p0, p1 in zip(theta0, model1.parameters())])
+            return 0.5 * (g * d.pow(2)).sum()
+        return penalty
     if form == "kfac":
         layers = [m for m in model0.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        by_param = dict(zip([id(p) for p in model0.parameters()], delta))
-        total = 0.0
-        for m, (A, G, count) in zip(layers, kfac_factors(model0, x)):
-            dw = by_param[id(m.weight)].reshape(m.weight.shape[0], -1)
-            if m.bias is not None:
-                dw = torch.cat([dw, by_param[id(m.bias)][:, None]], 1)
-            total = total + torch.trace(G @ dw @ A @ dw.T) / count
-        return 0.5 * total / len(x)  # kfac_factors approximate the GGN summed over the examples
+        position = {id(p): i for i, p in enumerate(model0.parameters())}
+        slots = [(position[id(m.weight)], None if m.bias is None else position[id(m.bias)]) for m in layers]
+        factors = kfac_factors(head, x)
+
+        def penalty(model1):
+            params, total = list(model1.parameters()), 0.0
+            for (w, b), (A, G, count) in zip(slots, factors):
+                dw = (params[w] - theta0[w]).reshape(theta0[w].shape[0], -1)
+                if b is not None:
+                    dw = torch.cat([dw, (params[b] - theta0[b])[:, None]], 1)
+                total = total + torch.trace(G @ dw @ A @ dw.T) / count
+            return 0.5 * total / len(x)  # the factors approximate the GGN summed over the examples
+        return penalty
     raise ValueError(f"unknown form {form!r}; valid choices: diag, kfac")
 
 

@@ -13,7 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 
 __all__ = ["softmax_regression", "mlp", "lenet5", "cnn_3c3d", "resnet20_frn", "small_cnn", "lpntk_cnn",
-           "mnist_example_cnn", "toneva_mnist_cnn", "resnet18", "get_model", "MODELS", "n_params"]
+           "mnist_example_cnn", "toneva_mnist_cnn", "resnet18", "cifarnet", "get_model", "MODELS", "n_params"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -187,6 +187,18 @@ def resnet18(in_shape=(3, 32, 32), n_classes: int = 10, norm: str = "batch") -> 
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes))
 
 
+def cifarnet(in_shape=(3, 32, 32), n_classes: int = 60) -> nn.Sequential:
+    """FROMP's and LAFTR's Split-CIFAR network: conv32 (same), conv32, pool, dropout 0.25, conv64 (same), conv64,
+    pool, dropout 0.25, fc 512, dropout 0.5, one output per class of all tasks (60 for 6 tasks); 1,276,508
+    parameters with 60 outputs."""
+    c, h, w = in_shape
+    h, w = ((h - 2) // 2 - 2) // 2, ((w - 2) // 2 - 2) // 2
+    return nn.Sequential(nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Dropout(0.25), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * h * w, 512), nn.ReLU(),
+                         nn.Dropout(0.5), nn.Linear(512, n_classes))
+
+
 MODELS = {
     "softmax_regression": softmax_regression,
     "small_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (32, 16), n_classes),
@@ -201,6 +213,8 @@ MODELS = {
     "toneva_mnist_cnn": toneva_mnist_cnn,
     "jiang_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (512, 256), n_classes, "relu"),
     "resnet18": resnet18,
+    "cifarnet": cifarnet,
+    "laftr_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (100, 100), n_classes, "relu"),
 }
 
 

@@ -30,6 +30,8 @@ __all__ = ["train", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES", "PerE
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
 SCHEDULES = ("cosine", "step", "constant")
+LOSSES = {"cross_entropy": F.cross_entropy,
+          "squared": lambda out, y: 0.5 * (out - y).pow(2).reshape(len(out), -1).sum(1).mean()}
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -116,11 +118,13 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
           batch_size: int | None = 256, lr_min: float = 0.0, momentum: float = 0.9, delta: float = 0.0,
           shuffle: bool = True, seed: int = 0, callbacks=(), hess_init: float = 0.1, beta2: float = 0.99999,
           mc_samples: int = 1, progress: bool = False, tol: float = 1e-9, schedule: str = "cosine",
-          step_size: int = 2, gamma: float = 0.7) -> SimpleNamespace:
+          step_size: int = 2, gamma: float = 0.7, penalty=None, loss: str = "cross_entropy") -> SimpleNamespace:
     """Train ``model`` in place on (x (N, ...), y (N,)) and return ``state`` (model, optimizer, losses per epoch).
 
     ``batch_size=None`` means full batch. ``schedule``: "cosine" (``lr`` to ``lr_min``), "step" (× ``gamma`` every
-    ``step_size`` epochs, the lpNTK recipe) or "constant"; stepped once per epoch. The optimiser object is returned
+    ``step_size`` epochs, the lpNTK recipe) or "constant"; stepped once per epoch. ``penalty(model) -> scalar`` is
+    added to every minibatch loss (a continual-learning regulariser such as λ·FSD). ``loss``: "cross_entropy"
+    (labels y (N,)) or "squared" (½‖f(x) − y‖² per example, targets y (N, K); regression). The optimiser object is returned
     in ``state.optimizer`` so that its preconditioner (IVON's Hessian, Adam's second moment) can be read as a
     variance.
     """
@@ -128,6 +132,11 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid choices: {', '.join(SCHEDULES)}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid choices: {', '.join(LOSSES)}")
+    loss_fn = LOSSES[loss]
+    if optimizer == "lbfgs" and (penalty is not None or loss != "cross_entropy"):
+        raise ValueError("penalty and the squared loss are supported by the minibatch optimisers, not by lbfgs")
     if epochs < 0 or lr <= 0:
         raise ValueError(f"need epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
     device = next(model.parameters()).device
@@ -180,25 +189,27 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
 
             def step_loss():
                 logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
+                value = loss_fn(logits, yb)
                 if explicit_l2 and delta:
-                    loss = loss + 0.5 * (delta / n) * sum((p * p).sum() for p in model.parameters())
-                return logits, loss
+                    value = value + 0.5 * (delta / n) * sum((p * p).sum() for p in model.parameters())
+                if penalty is not None:
+                    value = value + penalty(model)
+                return logits, value
 
             opt.zero_grad()
             if optimizer == "ivon":
                 for _ in range(mc_samples):
                     with opt.sampled_params(train=True):
-                        logits, loss = step_loss()
-                        loss.backward()
+                        logits, batch_loss = step_loss()
+                        batch_loss.backward()
             else:
-                logits, loss = step_loss()
-                loss.backward()
+                logits, batch_loss = step_loss()
+                batch_loss.backward()
             opt.step()
             state.step += 1
-            total += loss.item() * len(idx)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower lr")
+            total += batch_loss.item() * len(idx)
+            if not math.isfinite(batch_loss.item()):
+                raise FloatingPointError(f"training diverged at epoch {epoch} (loss {batch_loss.item()}); lower lr")
             for cb in callbacks:
                 if hasattr(cb, "on_batch_end"):
                     cb.on_batch_end(state, idx, logits.detach(), yb)

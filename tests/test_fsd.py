@@ -43,6 +43,8 @@ def test_ntk_is_the_jvp_linearisation():
     for metric in fsd.METRICS:
         want = fsd.rho(y0, y0 + jdelta, metric).mean()
         torch.testing.assert_close(fsd.ntk(m0, m1, x, metric), want)
+    want = fsd.rho(y0[:, 1:], y0[:, 1:] + jdelta[:, 1:], "kl").mean()
+    torch.testing.assert_close(fsd.ntk(m0, m1, x, "kl", outputs=[1, 2]), want)
 
 
 def test_laftr_is_exact_for_linear_networks_and_without_gate_flips():
@@ -106,12 +108,15 @@ def test_quadratic_forms_are_the_second_order_term_of_the_kl():
         for p0, p1, ps in zip(m0.parameters(), m1.parameters(), small.parameters()):
             ps.copy_(p0 + eps * (p1 - p0))
     assert fsd.fsd(m0, small, x, "kl").item() / (eps ** 2 * 0.5 * v @ G @ v).item() == pytest.approx(1, abs=1e-2)
-    torch.testing.assert_close(fsd.quadratic(m0, m1, x, "diag"), 0.5 * (torch.diag(G) * v * v).sum())
+    torch.testing.assert_close(fsd.quadratic(m0, x, "diag")(m1), 0.5 * (torch.diag(G) * v * v).sum())
     # K-FAC is exact for one example on a single layer
     lin0, lin1 = nn.Sequential(nn.Linear(4, 3)).double(), nn.Sequential(nn.Linear(4, 3)).double()
     v1 = torch.cat([(p1 - p0).detach().reshape(-1) for p0, p1 in zip(lin0.parameters(), lin1.parameters())])
     G1 = ggn_full(lin0, x[:1])
-    torch.testing.assert_close(fsd.quadratic(lin0, lin1, x[:1], "kfac"), 0.5 * v1 @ G1 @ v1)
+    torch.testing.assert_close(fsd.quadratic(lin0, x[:1], "kfac")(lin1), 0.5 * v1 @ G1 @ v1)
+    # one head: the Fisher of the sliced softmax
+    Gh = ggn_full(fsd.Head(m0, [0, 2]), x) / len(x)
+    torch.testing.assert_close(fsd.quadratic(m0, x, "diag", outputs=[0, 2])(m1), 0.5 * (torch.diag(Gh) * v * v).sum())
 
 
 def test_memory_counts_match_the_notes():

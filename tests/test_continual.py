@@ -1,0 +1,68 @@
+"""Continual-learning bookkeeping on tiny hand-made tasks: task construction, the accuracy matrix, the regularisers."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mpe import fsd
+from mpe.continual import permuted_tasks, regulariser, run_continual, split_tasks
+from mpe.data import Data
+
+
+def toy(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randn(n, 1, 2, 3, generator=g) + y.view(-1, 1, 1, 1).float()
+    return Data("toy", x[:80], y[:80], x[80:], y[80:], tuple("abcd"))
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_split_tasks_relabel_within_heads_and_permuted_tasks_share_labels():
+    data = toy()
+    tasks = split_tasks(data, ((0, 1), (2, 3)))
+    assert [t.outputs for t in tasks] == [[0, 1], [2, 3]]
+    assert set(tasks[1].y_train.tolist()) == {0, 1} and len(tasks[1].x_train) == int((data.y_train >= 2).sum())
+    torch.testing.assert_close(tasks[1].x_train, data.x_train[data.y_train >= 2])
+    perm = permuted_tasks(data, 3)
+    assert perm[0].x_train.equal(data.x_train) and not perm[1].x_train.equal(data.x_train)
+    assert perm[2].y_train.equal(data.y_train) and perm[1].outputs is None
+
+
+def test_run_continual_fills_the_lower_triangle():
+    tasks = split_tasks(toy(), ((0, 1), (2, 3)))
+    R = run_continual(tasks, mlp(), "laftr", lam=1.0, optimizer="adam", lr=1e-2, epochs=3, batch_size=16, seed=0)
+    Rk = run_continual(tasks, mlp(), "kfac", lam=1.0, optimizer="adam", lr=1e-2, epochs=3, batch_size=16, seed=0)
+    assert not torch.isnan(Rk[1]).any()
+    assert R.shape == (2, 2) and torch.isnan(R[0, 1]) and not torch.isnan(R[torch.tril_indices(2, 2).unbind()]).any()
+    with pytest.raises(ValueError, match="valid choices"):
+        run_continual(tasks, mlp(), "si")
+
+
+@pytest.mark.parametrize("method", ["ewc", "kfac", "coreset", "laftr"])
+def test_regularisers_vanish_at_the_old_parameters_and_grow_away(method):
+    data = toy()
+    task = split_tasks(data, ((0, 1, 2, 3),))[0]
+    old = mlp()
+    pen = regulariser(method, copy.deepcopy(old), task, n_samples=64)
+    assert pen(old).item() == pytest.approx(0.0, abs=1e-10)
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    assert pen(new).item() > 1e-4
+
+
+def test_coreset_regulariser_is_the_true_fsd_on_the_stored_examples():
+    data = toy()
+    task = split_tasks(data, ((0, 1, 2, 3),))[0]
+    old, new = mlp(), mlp()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.2)
+    pen = regulariser("coreset", copy.deepcopy(old), task, n_coreset=1000)  # all 80 examples
+    torch.testing.assert_close(pen(new), fsd.fsd(old, new, task.x_train, "kl"))
