@@ -125,3 +125,14 @@ def test_ivon_and_adam_variances():
     adam.step()
     v = torch.cat([adam.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(C.adam_posterior(adam, 8, 0.5).data, 8 * v.sqrt() + 0.5)
+
+
+def test_ggn_diag_linear_equals_the_jacobian_diagonal(f64):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4)).double()
+    x = torch.randn(23, 1, 1, 5)
+    torch.testing.assert_close(C.ggn_diag_linear(mlp, x, batch_size=8), C.ggn_diag(mlp, x))
+    nobias = nn.Sequential(nn.Flatten(), nn.Linear(5, 4, bias=False)).double()
+    torch.testing.assert_close(C.ggn_diag_linear(nobias, x), C.ggn_diag(nobias, x))
+    conv = nn.Sequential(nn.Conv2d(1, 2, (1, 3)), nn.Flatten(), nn.Linear(6, 3)).double()
+    torch.testing.assert_close(C.ggn_diag_linear(conv, x), C.ggn_diag(conv, x))  # falls back
