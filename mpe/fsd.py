@@ -5,7 +5,8 @@ r"""Function-space distance (FSD) between two networks and its approximations (L
 with ρ one of :data:`METRICS`: ``"kl"`` = KL(softmax(y⁰) ‖ softmax(y¹)) (classification), ``"euclidean"`` =
 ½‖y¹ − y⁰‖² (regression) and ``"softmax_l2"`` = ½‖softmax(y¹) − softmax(y⁰)‖² (the official code's other option).
 
-Approximations, for ReLU MLPs (``nn.Sequential`` of Flatten, Linear and ReLU):
+Approximations, for ReLU networks given as ``nn.Sequential`` of Linear, Conv2d, ReLU, MaxPool2d, Flatten and Dropout
+(:func:`difference_network`; the closed form is for MLPs):
 
 - :func:`laftr` — the Linearized Activation Function TRick on data: the exact difference network with the ReLU
   replaced by the gate of the *old* network, Δa = 1[s⁰ > 0] ⊙ Δs, and the *new* weights W₁ in the propagation
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["METRICS", "rho", "fsd", "mlp_linears", "laftr", "ntk", "unit_probs", "input_gaussian", "laftr_bernoulli",
-           "laftr_bernoulli_exact", "quadratic", "Head", "memory"]
+__all__ = ["METRICS", "rho", "fsd", "mlp_linears", "difference_network", "laftr", "ntk", "unit_probs", "input_gaussian",
+           "laftr_bernoulli", "laftr_bernoulli_exact", "quadratic", "Head", "memory"]
 
 METRICS = ("kl", "euclidean", "softmax_l2")
 
@@ -75,44 +76,92 @@ def mlp_linears(model: nn.Module) -> list[nn.Linear]:
     return mods[::2]
 
 
-def _difference_network(model0, model1, x, carry_new: bool):
-    """(y⁰, Δy) of the old network and the linearised difference network; ``carry_new`` picks W₁ (LAFTR) or W₀
-    (NTK) for propagating Δa. Gates: 1[s⁰ > 0] of the old network."""
-    l0, l1 = mlp_linears(model0), mlp_linears(model1)
-    a0 = x.flatten(1)
-    da = torch.zeros_like(a0)
-    for k, (m0, m1) in enumerate(zip(l0, l1)):
-        w0, b0 = m0.weight.detach(), m0.bias.detach()
-        s0 = F.linear(a0, w0, b0)
-        ds = F.linear(a0, m1.weight - w0, m1.bias - b0) + F.linear(da, m1.weight if carry_new else w0)
-        if k == len(l0) - 1:
-            return s0, ds
-        gate = (s0 > 0).to(s0.dtype)
-        a0, da = s0 * gate, ds * gate
+_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity)
+
+
+def _modules(model: nn.Module) -> list[nn.Module]:
+    mods = list(model.children()) if isinstance(model, nn.Sequential) else [model]
+    bad = sorted({type(m).__name__ for m in mods if not isinstance(m, _LAYERS)})
+    if bad:
+        raise NotImplementedError(f"the difference network handles Sequential models of Linear, Conv2d, ReLU, "
+                                  f"MaxPool2d, Flatten and Dropout (identity in eval mode); got {', '.join(bad)}")
+    return mods
+
+
+def _affine(m, a, w, b):
+    if isinstance(m, nn.Linear):
+        return F.linear(a, w, b)
+    return F.conv2d(a, w, b, m.stride, m.padding, m.dilation, m.groups)
+
+
+def difference_network(model0: nn.Module, model1: nn.Module, x: torch.Tensor, *, weights: str = "new",
+                       probs: list[torch.Tensor] | None = None, generator: torch.Generator | None = None):
+    r"""(y⁰, Δy), each (N, K): the old network's output and the linearised output change, walking a Sequential of
+    Linear / Conv2d / ReLU / MaxPool2d / Flatten / Dropout layers (dropout is the identity, as in eval mode).
+
+    Affine layers: Δs = ΔW a⁰ + W Δa + Δb with W = W₁ (``weights="new"``, LAFTR) or W₀ (``"old"``, the NTK).
+    ReLU: a gate m multiplies both, a⁰ ← m ⊙ s⁰ and Δa ← m ⊙ Δs, with m = 1[s⁰ > 0] (the old network's gates) or,
+    given ``probs`` (one tensor per ReLU, shaped like one example's activation), m ~ Bernoulli(p) drawn per example
+    and unit. Max-pooling (notes §1.9): LAFTR pools both networks' activations, Δa ← pool(a⁰ + Δa) − pool(a⁰); the
+    NTK takes Δa at the old network's maxima (its exact linearisation)."""
+    if weights not in ("new", "old"):
+        raise ValueError(f"weights must be new (LAFTR) or old (NTK), got {weights!r}")
+    m0s, m1s = _modules(model0), _modules(model1)
+    n_relu = sum(isinstance(m, nn.ReLU) for m in m0s)
+    if probs is not None and len(probs) != n_relu:
+        raise ValueError(f"need one probability tensor per ReLU ({n_relu}), got {len(probs)}")
+    a0, da, r = x, torch.zeros_like(x), 0
+    for m0, m1 in zip(m0s, m1s):
+        if isinstance(m0, (nn.Linear, nn.Conv2d)):
+            w0 = m0.weight.detach()
+            b0 = None if m0.bias is None else m0.bias.detach()
+            db = None if m0.bias is None else m1.bias - b0
+            s0 = _affine(m0, a0, w0, b0)
+            da = _affine(m0, a0, m1.weight - w0, db) + _affine(m0, da, m1.weight if weights == "new" else w0, None)
+            a0 = s0
+        elif isinstance(m0, nn.ReLU):
+            if probs is None:
+                gate = (a0 > 0).to(a0.dtype)
+            else:
+                gate = torch.bernoulli(probs[r].to(a0).expand_as(a0), generator=generator)
+            r += 1
+            a0, da = a0 * gate, da * gate
+        elif isinstance(m0, nn.MaxPool2d):
+            p0, idx = F.max_pool2d(a0, m0.kernel_size, m0.stride, m0.padding, m0.dilation, m0.ceil_mode,
+                                   return_indices=True)
+            if weights == "new":
+                da = F.max_pool2d(a0 + da, m0.kernel_size, m0.stride, m0.padding, m0.dilation, m0.ceil_mode) - p0
+            else:
+                da = da.flatten(2).gather(2, idx.flatten(2)).view_as(p0)
+            a0 = p0
+        elif isinstance(m0, nn.Flatten):
+            a0, da = m0(a0), m0(da)
+    return a0, da
 
 
 def laftr(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl", outputs=None) -> torch.Tensor:
-    """LAFTR on data x (N, ...): mean ρ(y⁰, y⁰ + Δy) with Δa = 1[s⁰ > 0] ⊙ Δs and Δs = ΔW a⁰ + W₁ Δa + Δb."""
-    y0, dy = _difference_network(model0, model1, x, carry_new=True)
+    """LAFTR on data x (N, ...): mean ρ(y⁰, y⁰ + Δy) with the old network's gates and the new weights."""
+    y0, dy = difference_network(model0, model1, x, weights="new")
     return rho(y0, y0 + dy, metric, outputs).mean()
 
 
 def ntk(model0: nn.Module, model1: nn.Module, x: torch.Tensor, metric: str = "kl", outputs=None) -> torch.Tensor:
     """The NTK-linearised FSD on data x: mean ρ(f(x, θ₀), f(x, θ₀) + J(x) Δθ)."""
-    y0, dy = _difference_network(model0, model1, x, carry_new=False)
+    y0, dy = difference_network(model0, model1, x, weights="old")
     return rho(y0, y0 + dy, metric, outputs).mean()
 
 
 @torch.no_grad()
 def unit_probs(model0: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """p per hidden layer (n_ℓ,): the fraction of the inputs x on which each ReLU unit of the old network is active
-    (s⁰ ≥ 0) — LAFTR's one parameter per unit."""
-    lin = mlp_linears(model0)
-    a, out = x.flatten(1), []
-    for m in lin[:-1]:
-        s = m(a)
-        out.append((s >= 0).float().mean(0))
-        a = torch.relu(s)
+    """p per ReLU, shaped like one example's activation ((n,) for a Linear layer, (C, H, W) for a conv layer): the
+    fraction of the inputs x on which each unit of the old network is active (s⁰ ≥ 0) — LAFTR's one parameter per
+    unit (per channel and position in conv nets). Dropout is skipped (eval mode)."""
+    a, out = x, []
+    for m in _modules(model0):
+        if isinstance(m, nn.ReLU):
+            out.append((a >= 0).float().mean(0))
+        if not isinstance(m, (nn.Dropout, nn.Dropout2d)):
+            a = m(a)
     return out
 
 
@@ -128,20 +177,10 @@ def laftr_bernoulli(model0: nn.Module, model1: nn.Module, probs: list[torch.Tens
                     metric: str = "kl", generator: torch.Generator | None = None, outputs=None) -> torch.Tensor:
     r"""The parametric LAFTR by Monte Carlo on input samples x (S, ...) — Gaussian draws (:func:`input_gaussian`)
     or a stored coreset — with independent gates m ~ Bernoulli(p) per sample and unit, the same gate on both
-    networks: a⁰ = m ⊙ s⁰ (gated pre-activations) and Δa = m ⊙ Δs. Returns the mean ρ over the samples."""
-    l0, l1 = mlp_linears(model0), mlp_linears(model1)
-    if len(probs) != len(l0) - 1:
-        raise ValueError(f"need one probability vector per hidden layer ({len(l0) - 1}), got {len(probs)}")
-    a0 = x.flatten(1)
-    da = torch.zeros_like(a0)
-    for k, (m0, m1) in enumerate(zip(l0, l1)):
-        w0, b0 = m0.weight.detach(), m0.bias.detach()
-        s0 = F.linear(a0, w0, b0)
-        ds = F.linear(a0, m1.weight - w0, m1.bias - b0) + F.linear(da, m1.weight)
-        if k == len(l0) - 1:
-            return rho(s0, s0 + ds, metric, outputs).mean()
-        gate = torch.bernoulli(probs[k].to(s0).expand_as(s0), generator=generator)
-        a0, da = s0 * gate, ds * gate
+    networks: a⁰ = m ⊙ s⁰ (gated pre-activations) and Δa = m ⊙ Δs. Returns the mean ρ over the samples. MLPs and
+    conv nets (:func:`difference_network`)."""
+    y0, dy = difference_network(model0, model1, x, weights="new", probs=probs, generator=generator)
+    return rho(y0, y0 + dy, metric, outputs).mean()
 
 
 def laftr_bernoulli_exact(model0: nn.Module, model1: nn.Module, probs: list[torch.Tensor], mu: torch.Tensor,
@@ -235,7 +274,7 @@ def memory(model: nn.Module, in_shape, n_coreset: int = 0) -> dict:
              for m in model.modules() if isinstance(m, nn.ReLU)]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *in_shape))
+            model.eval()(torch.zeros(1, *in_shape, dtype=next(model.parameters()).dtype))
     finally:
         for h in hooks:
             h.remove()

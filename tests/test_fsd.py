@@ -52,10 +52,9 @@ def test_laftr_is_exact_for_linear_networks_and_without_gate_flips():
     m0 = nn.Sequential(*[m for m in m0 if not isinstance(m, nn.Identity)])
     m1 = nn.Sequential(*[m for m in m1 if not isinstance(m, nn.Identity)])
     x = torch.randn(30, 5, dtype=torch.float64)
-    with pytest.raises(NotImplementedError):  # two Linear layers in a row is not a ReLU MLP
-        fsd.laftr(m0, m1, x)
-    lin0, lin1 = nn.Sequential(nn.Linear(5, 3)).double(), nn.Sequential(nn.Linear(5, 3)).double()
-    torch.testing.assert_close(fsd.laftr(lin0, lin1, x, "kl"), fsd.fsd(lin0, lin1, x, "kl"))
+    torch.testing.assert_close(fsd.laftr(m0, m1, x, "kl"), fsd.fsd(m0, m1, x, "kl"))  # a deep linear network
+    with pytest.raises(NotImplementedError, match="Tanh"):
+        fsd.laftr(nn.Sequential(nn.Linear(5, 3), nn.Tanh()), nn.Sequential(nn.Linear(5, 3), nn.Tanh()), x)
     # a tiny perturbation flips no gate: LAFTR equals the true FSD (the NTK does not: it drops ΔW Δa)
     m0, m1 = pair(scale=1e-4)
     torch.testing.assert_close(fsd.laftr(m0, m1, x, "euclidean"), fsd.fsd(m0, m1, x, "euclidean"), rtol=1e-9, atol=0)
@@ -125,3 +124,39 @@ def test_memory_counts_match_the_notes():
     assert mem["parameters (diagonal Fisher)"] == 669_706 and mem["K-FAC factors"] == 1_666_951
     assert mem["LAFTR Bernoulli probabilities"] == 1_024
     assert mem["Gaussian inputs (full covariance)"] == 784 + 307_720 and mem["coreset"] == 31_360
+
+
+def conv_pair(scale, seed=0):
+    torch.manual_seed(seed)
+    m0 = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.3), nn.Conv2d(4, 4, 3),
+                       nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    m1 = copy.deepcopy(m0)
+    with torch.no_grad():
+        for p in m1.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return m0, m1
+
+
+def test_conv_nets_laftr_exact_without_flips_and_ntk_is_the_jvp():
+    x = torch.randn(16, 2, 6, 6, dtype=torch.float64)
+    m0, m1 = conv_pair(1e-5)
+    torch.testing.assert_close(fsd.laftr(m0, m1, x, "euclidean"), fsd.fsd(m0, m1, x, "euclidean"), rtol=1e-8, atol=0)
+    m0, m1 = conv_pair(0.3)
+    params0 = dict(m0.named_parameters())
+    tangent = {n: p1.detach() - p0.detach() for (n, p0), p1 in zip(m0.named_parameters(), m1.parameters())}
+    y0, jd = torch.func.jvp(lambda p: torch.func.functional_call(m0, p, (x,)), (params0,), (tangent,))
+    torch.testing.assert_close(fsd.ntk(m0, m1, x, "euclidean"), fsd.rho(y0, y0 + jd, "euclidean").mean())
+
+
+def test_conv_unit_probs_and_bernoulli_gates():
+    x = torch.randn(50, 2, 6, 6, dtype=torch.float64)
+    m0, m1 = conv_pair(0.3)
+    probs = fsd.unit_probs(m0, x)
+    assert [tuple(p.shape) for p in probs] == [(4, 6, 6), (4, 1, 1)]
+    torch.testing.assert_close(probs[0], (m0[0](x) >= 0).float().mean(0))
+    assert fsd.memory(m0, (2, 6, 6))["LAFTR Bernoulli probabilities"] == 4 * 36 + 4
+    # gates that copy the old network's (p = 1 where active on this one input, else 0) give LAFTR on that input
+    one = x[:1]
+    with torch.no_grad():
+        exact = [(m0[0](one) > 0).double()[0], (m0[4](m0[2](torch.relu(m0[0](one)))) > 0).double()[0]]
+    torch.testing.assert_close(fsd.laftr_bernoulli(m0, m1, exact, one, "kl"), fsd.laftr(m0, m1, one, "kl"))
