@@ -9,6 +9,15 @@ from torch import nn
 from mpe import fsd
 
 
+def perturbed(m0, scale):
+    """A copy of m0 with Gaussian noise of standard deviation ``scale`` added to every parameter."""
+    m1 = copy.deepcopy(m0)
+    with torch.no_grad():
+        for p in m1.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return m1
+
+
 def pair(sizes=(5, 8, 6, 3), scale=0.3, seed=0, relu=True):
     torch.manual_seed(seed)
     layers = []
@@ -17,11 +26,7 @@ def pair(sizes=(5, 8, 6, 3), scale=0.3, seed=0, relu=True):
         if i < len(sizes) - 2:
             layers.append(nn.ReLU() if relu else nn.Identity())
     m0 = nn.Sequential(nn.Flatten(), *layers).double()
-    m1 = copy.deepcopy(m0)
-    with torch.no_grad():
-        for p in m1.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return m0, m1
+    return m0, perturbed(m0, scale)
 
 
 def test_rho_by_hand():
@@ -130,11 +135,7 @@ def conv_pair(scale, seed=0):
     torch.manual_seed(seed)
     m0 = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.3), nn.Conv2d(4, 4, 3),
                        nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)).double().eval()
-    m1 = copy.deepcopy(m0)
-    with torch.no_grad():
-        for p in m1.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return m0, m1
+    return m0, perturbed(m0, scale)
 
 
 def test_conv_nets_laftr_exact_without_flips_and_ntk_is_the_jvp():
