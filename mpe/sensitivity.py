@@ -159,6 +159,16 @@ def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500,
     return [res[k] for k in jobs]
 
 
+def training_posterior(source: str, state, x, delta: float):
+    """The Gaussian posterior at a training state: the optimiser's own (``"ivon"``: IVON's Hessian; ``"adam"``:
+    Adam's preconditioner) or a Laplace GGN (``"diag"``, ``"kfac"``) fitted on x at the current parameters."""
+    if source == "ivon":
+        return C.ivon_posterior(state.optimizer)
+    if source == "adam":
+        return C.adam_posterior(state.optimizer, len(x), delta)
+    return C.laplace_posterior(source, state.model, x, delta)
+
+
 class LOOTracker:
     r"""Training callback for MPE Figs. 1(b), 5, 8–10: test NLL every epoch, LOO estimate at chosen epochs.
 
@@ -183,12 +193,7 @@ class LOOTracker:
         self.test, self.loo = [], []
 
     def posterior(self, state):
-
-        if self.source == "ivon":
-            return C.ivon_posterior(state.optimizer)
-        if self.source == "adam":
-            return C.adam_posterior(state.optimizer, len(self.x), self.delta)
-        return C.laplace_posterior(self.source, state.model, self.x, self.delta)
+        return training_posterior(self.source, state, self.x, self.delta)
 
     def on_epoch_end(self, state) -> None:
 
@@ -344,9 +349,7 @@ class SensitivityTracker:
     def on_batch_end(self, state, *_) -> None:
         if state.step not in self.at_steps:
             return
-        post = (C.ivon_posterior(state.optimizer) if self.source == "ivon"
-                else C.laplace_posterior(self.source, state.model, self.x, self.delta))
-        V = C.predictive_covariance(state.model, self.x, post)
+        V = C.predictive_covariance(state.model, self.x, training_posterior(self.source, state, self.x, self.delta))
         logits = predict(state.model, self.x)
         y = self.y.to(logits.device)
         e = sampled_residuals(logits, y, V, self.n_samples, self.gen) if self.n_samples else residuals(logits, y)
