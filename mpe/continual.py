@@ -69,50 +69,13 @@ def permuted_tasks(data: Data, n_tasks: int) -> list[Task]:
     return out
 
 
-def regulariser(method: str, old: torch.nn.Module, task: Task, *, metric: str = "kl", n_samples: int = 40,
-                n_coreset: int = 40, inputs: str = "gaussian", gates: str = "bernoulli", classwise: bool = False,
-                generator: torch.Generator | None = None):
-    """``penalty(net) -> scalar``: the FSD between ``old`` (a frozen copy of θ_k*) and ``net`` on ``task``'s
-    inputs, estimated by ``method`` (see the module docstring); statistics are computed once, here."""
+def regulariser(method: str, old: torch.nn.Module, task: Task, **kw):
+    """``penalty(net) -> scalar``: the FSD between ``old`` (a frozen copy of θ_k*) and ``net`` on ``task``'s inputs
+    and head, estimated by ``method`` with fresh samples at every step (:func:`mpe.fsd.estimator`; ``kw``: metric,
+    n_samples, n_coreset, inputs, gates, classwise, generator)."""
     if method not in METHODS or method == "finetune":
         raise ValueError(f"unknown regulariser {method!r}; valid choices: {', '.join(METHODS[1:])}")
-    old.eval()
-    x, y = task.x_train, task.y_train
-    if method in ("ewc", "kfac"):
-        return fsd.quadratic(old, x, "diag" if method == "ewc" else "kfac", task.outputs)
-    g = torch.Generator().manual_seed(0) if generator is None else generator
-    coreset = x[torch.randperm(len(x), generator=g)[:n_coreset]]
-    if method == "coreset":
-        return lambda net: fsd.fsd(old, net, coreset, metric, task.outputs)
-    if inputs not in ("gaussian", "coreset") or gates not in ("bernoulli", "relu"):
-        raise ValueError(f"inputs must be gaussian or coreset and gates bernoulli or relu, got {inputs}, {gates}")
-    groups = [y == c for c in torch.unique(y)] if classwise else [torch.ones(len(y), dtype=torch.bool)]
-    stats = []
-    for mask in groups:
-        probs = fsd.unit_probs(old, x[mask])
-        if inputs == "gaussian":
-            mu, cov = fsd.input_gaussian(x[mask])
-            stats.append((probs, mu, torch.linalg.cholesky(cov.double()).to(mu.dtype)))
-        else:  # stored inputs of the group instead of Gaussian samples
-            idx = torch.nonzero(mask).flatten()
-            stats.append((probs, None, x[idx[torch.randperm(len(idx), generator=g)[:max(n_coreset // len(groups), 1)]]]))
-    shape = x.shape[1:]
-    per_group = max(n_samples // len(groups), 1)
-
-    def penalty(net):
-        total = 0.0
-        for probs, mu, chol_or_core in stats:
-            if mu is not None:
-                z = torch.randn(per_group, len(mu), generator=g, dtype=mu.dtype)
-                xs = (mu + z @ chol_or_core.T).view(per_group, *shape)
-            else:
-                xs = chol_or_core
-            if gates == "bernoulli":
-                total = total + fsd.laftr_bernoulli(old, net, probs, xs, metric, generator=g, outputs=task.outputs)
-            else:
-                total = total + fsd.laftr(old, net, xs, metric, task.outputs)
-        return total / len(stats)
-    return penalty
+    return fsd.estimator(method, old, task.x_train, y=task.y_train, outputs=task.outputs, resample=True, **kw)
 
 
 @torch.no_grad()

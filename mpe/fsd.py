@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["METRICS", "rho", "fsd", "mlp_linears", "difference_network", "laftr", "ntk", "unit_probs", "input_gaussian",
-           "laftr_bernoulli", "laftr_bernoulli_exact", "quadratic", "Head", "memory"]
+           "laftr_bernoulli", "laftr_bernoulli_exact", "quadratic", "Head", "ESTIMATORS", "estimator", "memory"]
 
 METRICS = ("kl", "euclidean", "softmax_l2")
 
@@ -260,6 +260,77 @@ def quadratic(model0: nn.Module, x: torch.Tensor, form: str = "diag", outputs=No
             return 0.5 * total / len(x)  # the factors approximate the GGN summed over the examples
         return penalty
     raise ValueError(f"unknown form {form!r}; valid choices: diag, kfac")
+
+
+ESTIMATORS = ("true", "laftr", "laftr_data", "ntk", "ewc", "kfac", "coreset")
+
+
+def estimator(name: str, old: nn.Module, x: torch.Tensor, *, y: torch.Tensor | None = None, outputs=None,
+              metric: str = "kl", n_samples: int = 40, n_coreset: int = 40, inputs: str = "gaussian",
+              gates: str = "bernoulli", classwise: bool = False, resample: bool = True,
+              generator: torch.Generator | None = None):
+    r"""``term(net) -> scalar``: an estimate of the FSD between ``old`` and ``net`` on the inputs x (N, ...), with
+    every statistic computed once, here. ``name`` is one of :data:`ESTIMATORS`:
+
+    - ``"true"`` (all of x), ``"laftr_data"`` (old gates on x), ``"ntk"`` (on x): they iterate over the data;
+    - ``"ewc"`` / ``"kfac"``: :func:`quadratic`; ``"coreset"``: the exact FSD on ``n_coreset`` random inputs of x;
+    - ``"laftr"``: the parametric LAFTR on ``n_samples`` inputs from the Gaussian of x (``inputs="coreset"``: stored
+      inputs instead), with Bernoulli gates (``gates="relu"``: the old network's gates on those inputs), pooled or
+      one Gaussian and one set of probabilities per class (``classwise=True``, needs y).
+
+    ``resample=True`` draws fresh samples and gates at every call (a stochastic training regulariser);
+    ``resample=False`` fixes them, so the term is a deterministic function (for L-BFGS solves).
+    """
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown FSD estimator {name!r}; valid choices: {', '.join(ESTIMATORS)}")
+    if inputs not in ("gaussian", "coreset") or gates not in ("bernoulli", "relu"):
+        raise ValueError(f"inputs must be gaussian or coreset and gates bernoulli or relu, got {inputs}, {gates}")
+    old.eval()
+    if name == "true":
+        return lambda net: fsd(old, net, x, metric, outputs)
+    if name in ("laftr_data", "ntk"):
+        f = laftr if name == "laftr_data" else ntk
+        return lambda net: f(old, net, x, metric, outputs)
+    if name in ("ewc", "kfac"):
+        return quadratic(old, x, "diag" if name == "ewc" else "kfac", outputs)
+    g = torch.Generator().manual_seed(0) if generator is None else generator
+    coreset = x[torch.randperm(len(x), generator=g)[:n_coreset]]
+    if name == "coreset":
+        return lambda net: fsd(old, net, coreset, metric, outputs)
+    if classwise and y is None:
+        raise ValueError("class-wise statistics need the labels y")
+    groups = [y == c for c in torch.unique(y)] if classwise else [torch.ones(len(x), dtype=torch.bool)]
+    per_group, shape = max(n_samples // len(groups), 1), x.shape[1:]
+    stats = []
+    for mask in groups:
+        probs = unit_probs(old, x[mask])
+        if inputs == "gaussian":
+            mu, cov = input_gaussian(x[mask])
+            stats.append((probs, mu, torch.linalg.cholesky(cov.double()).to(mu.dtype)))
+        else:  # stored inputs of the group instead of Gaussian samples
+            idx = torch.nonzero(mask).flatten()
+            stats.append((probs, None, x[idx[torch.randperm(len(idx), generator=g)[:max(n_coreset // len(groups), 1)]]]))
+
+    def draw(mu, chol_or_core):
+        if mu is None:
+            return chol_or_core
+        z = torch.randn(per_group, len(mu), generator=g, dtype=mu.dtype)
+        return (mu + z @ chol_or_core.T).view(per_group, *shape)
+
+    fixed = None if resample else [draw(mu, c) for _, mu, c in stats]
+    gate_seed = None if resample else int(torch.randint(0, 2**31, (1,), generator=g))
+
+    def term(net):
+        gen = g if resample else torch.Generator().manual_seed(gate_seed)
+        total = 0.0
+        for k, (probs, mu, chol_or_core) in enumerate(stats):
+            xs = draw(mu, chol_or_core) if resample else fixed[k]
+            if gates == "bernoulli":
+                total = total + laftr_bernoulli(old, net, probs, xs, metric, generator=gen, outputs=outputs)
+            else:
+                total = total + laftr(old, net, xs, metric, outputs)
+        return total / len(stats)
+    return term
 
 
 def memory(model: nn.Module, in_shape, n_coreset: int = 0) -> dict:

@@ -72,39 +72,18 @@ def self_influence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, make_term
 
 def data_terms(model: nn.Module, x: torch.Tensor, names=DATA_TERMS, *, n_samples: int = 2000, n_subset: int = 40,
                seed: int = 0) -> dict:
-    """Deterministic PBRF data terms ``{name: term(net)}`` around θˢ = ``model`` on the training inputs x:
-
-    - ``true``: the KL FSD over all of x (the ground truth; iterates over the data set);
-    - ``laftr``: the parametric LAFTR, ``n_samples`` Gaussian inputs and Bernoulli gates drawn once (fixed);
-    - ``laftr_data``: LAFTR with the old network's true gates on all of x (data-dependent);
-    - ``ewc`` / ``kfac``: the quadratic forms with the diagonal / K-FAC Fisher;
-    - ``subset``: the exact KL FSD on ``n_subset`` random training inputs (stored examples).
-    """
+    """Deterministic PBRF data terms ``{name: term(net)}`` around θˢ = ``model`` on the training inputs x, from
+    :func:`mpe.fsd.estimator` with fixed samples and gates: ``true`` (the KL FSD over all of x: the ground truth),
+    ``laftr`` (parametric, ``n_samples`` Gaussian inputs), ``laftr_data`` (true gates on x), ``ewc``, ``kfac`` and
+    ``subset`` (the exact KL on ``n_subset`` stored inputs)."""
     from . import fsd
 
     old = copy.deepcopy(model).eval()
     g = torch.Generator().manual_seed(seed)
     terms = {}
     for name in names:
-        if name == "true":
-            terms[name] = lambda net: fsd.fsd(old, net, x, "kl")
-        elif name == "laftr":
-            probs = fsd.unit_probs(old, x)
-            mu, cov = fsd.input_gaussian(x)
-            xs = torch.distributions.MultivariateNormal(mu.double(), cov.double()).sample((n_samples,))
-            xs = xs.to(x.dtype).view(n_samples, *x.shape[1:])
-            gate_seed = int(torch.randint(0, 2**31, (1,), generator=g))
-
-            def laftr_term(net, probs=probs, xs=xs, gate_seed=gate_seed):
-                return fsd.laftr_bernoulli(old, net, probs, xs, "kl", generator=torch.Generator().manual_seed(gate_seed))
-            terms[name] = laftr_term
-        elif name == "laftr_data":
-            terms[name] = lambda net: fsd.laftr(old, net, x, "kl")
-        elif name in ("ewc", "kfac"):
-            terms[name] = fsd.quadratic(old, x, "diag" if name == "ewc" else "kfac")
-        elif name == "subset":
-            sub = x[torch.randperm(len(x), generator=g)[:n_subset]]
-            terms[name] = lambda net, sub=sub: fsd.fsd(old, net, sub, "kl")
-        else:
+        if name not in DATA_TERMS:
             raise ValueError(f"unknown data term {name!r}; valid choices: {', '.join(DATA_TERMS)}")
+        terms[name] = fsd.estimator("coreset" if name == "subset" else name, old, x, n_samples=n_samples,
+                                    n_coreset=n_subset, resample=False, generator=g)
     return terms
