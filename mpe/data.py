@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 __all__ = ["Data", "load", "DATASETS", "DataNotAvailable", "ChecksumError", "read_idx",
-           "class_balanced_subset", "flip_labels", "permute_pixels", "fetch"]
+           "class_balanced_subset", "flip_labels", "permute_pixels", "fetch", "AUGMENTATIONS", "augmented"]
 
 
 class DataNotAvailable(FileNotFoundError):
@@ -418,6 +418,42 @@ def permute_pixels(data: Data, seed: int = 0) -> Data:
 
     return Data(f"permuted-{data.name}", shuffle(data.x_train), data.y_train, shuffle(data.x_test), data.y_test,
                 data.classes)
+
+
+AUGMENTATIONS = ("none", "crop_flip", "crop_flip_cutout")
+
+
+def augmented(x: torch.Tensor, name: str, generator: torch.Generator, pad: int = 4, hole: int = 16) -> torch.Tensor:
+    """A randomly augmented copy of a batch ``x`` (B, C, H, W), with every draw from ``generator`` (CPU).
+
+    - ``crop_flip`` (the CIFAR recipe of Toneva, Jiang and lpNTK): pad by ``pad`` pixels, crop back to H x W at a
+      uniform offset, then flip left-right with probability 1/2. The padding is 0 in the *normalised* images, i.e. the
+      dataset's mean colour (torchvision pads the raw image with black before normalising: a small, deliberate
+      difference);
+    - ``crop_flip_cutout``: then zero a ``hole`` x ``hole`` square (clipped at the border) centred at a uniform pixel,
+      after normalisation (DeVries & Taylor's Cutout, used by Toneva's removal runs);
+    - ``none``: ``x`` itself.
+    """
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; valid choices: {', '.join(AUGMENTATIONS)}")
+    if name == "none":
+        return x
+    b, c, h, w = x.shape
+    dy, dx = (torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device) for _ in range(2))
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]          # (B, 1, H, 1)
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]                # flipped crop = crop of flip
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    out = padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None,
+                 None], rows, cols[:, None, None, :]]
+    if name == "crop_flip_cutout":
+        cy, cx = (torch.randint(0, n, (b,), generator=generator).to(x.device) for n in (h, w))
+        iy, ix = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        in_y = (iy[None] >= cy[:, None] - hole // 2) & (iy[None] < cy[:, None] + hole - hole // 2)
+        in_x = (ix[None] >= cx[:, None] - hole // 2) & (ix[None] < cx[:, None] + hole - hole // 2)
+        out = out * ~(in_y[:, None, :, None] & in_x[:, None, None, :])
+    return out
 
 
 def write_idx(array: np.ndarray, path, compresslevel: int = 9, filename_in_header: bool = True) -> None:

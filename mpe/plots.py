@@ -55,17 +55,25 @@ def moving_average(values, window: int):
 
 
 def image_grid(ax, images, ncols: int, title: str = ""):
-    """Show images (n, C, H, W) as one mosaic with ``ncols`` columns on ``ax``."""
+    """Show images (n, C, H, W) as one mosaic with ``ncols`` columns on ``ax``: grey (channel mean) unless C = 3,
+    which is shown in colour, each image stretched to its own range (the images are normalised)."""
     import numpy as np
 
-    imgs = np.asarray(images)
+    imgs = np.asarray(images, dtype=float)
     n, c, h, w = imgs.shape
+    colour = c == 3
     nrows = -(-n // ncols)
-    mosaic = np.full((nrows * (h + 1), ncols * (w + 1)), np.nan)
+    mosaic = np.ones((nrows * (h + 1), ncols * (w + 1), 3)) if colour else np.full((nrows * (h + 1), ncols * (w + 1)),
+                                                                                  np.nan)
     for k in range(n):
         r, q = divmod(k, ncols)
-        mosaic[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = imgs[k].mean(0)
-    ax.imshow(mosaic, cmap="gray_r")
+        cell = (slice(r * (h + 1), r * (h + 1) + h), slice(q * (w + 1), q * (w + 1) + w))
+        if colour:
+            img = imgs[k].transpose(1, 2, 0)
+            mosaic[cell] = (img - img.min()) / max(np.ptp(img), 1e-12)
+        else:
+            mosaic[cell] = imgs[k].mean(0)
+    ax.imshow(mosaic, cmap=None if colour else "gray_r")
     ax.set_title(title)
     ax.axis("off")
 

@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import AUGMENTATIONS, augmented
+
 __all__ = ["train", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES", "PerExampleRecorder", "flat_params",
            "set_flat_params", "l2_objective"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "multistep", "constant")
 LOSSES = {"cross_entropy": F.cross_entropy,
           "squared": lambda out, y: 0.5 * (out - y).pow(2).reshape(len(out), -1).sum(1).mean()}
 
@@ -99,9 +101,9 @@ class PerExampleRecorder:
         return {k: torch.stack(v) for k, v in self.history.items()}
 
 
-def _make_optimizer(name, params, *, lr, momentum, delta, n, hess_init, beta2, mc_samples):
+def _make_optimizer(name, params, *, lr, momentum, nesterov, delta, n, hess_init, beta2, mc_samples):
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "adamw":
@@ -118,11 +120,15 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
           batch_size: int | None = 256, lr_min: float = 0.0, momentum: float = 0.9, delta: float = 0.0,
           shuffle: bool = True, seed: int = 0, callbacks=(), hess_init: float = 0.1, beta2: float = 0.99999,
           mc_samples: int = 1, progress: bool = False, tol: float = 1e-9, schedule: str = "cosine",
-          step_size: int = 2, gamma: float = 0.7, penalty=None, loss: str = "cross_entropy") -> SimpleNamespace:
+          step_size: int = 2, gamma: float = 0.7, milestones=(60, 120, 160), penalty=None,
+          loss: str = "cross_entropy", augment: str = "none", nesterov: bool = False) -> SimpleNamespace:
     """Train ``model`` in place on (x (N, ...), y (N,)) and return ``state`` (model, optimizer, losses per epoch).
 
     ``batch_size=None`` means full batch. ``schedule``: "cosine" (``lr`` to ``lr_min``), "step" (× ``gamma`` every
-    ``step_size`` epochs, the lpNTK recipe) or "constant"; stepped once per epoch. ``penalty(model) -> scalar`` is
+    ``step_size`` epochs, the lpNTK recipe), "multistep" (× ``gamma`` after each epoch in ``milestones``, Toneva's
+    CIFAR recipe) or "constant"; stepped once per epoch. ``nesterov``: Nesterov momentum (SGD only). ``augment``: a
+    name from :data:`mpe.data.AUGMENTATIONS` applied to every minibatch (drawn from the seeded generator; callbacks
+    see the logits of the augmented batch, as Toneva's online statistics do). ``penalty(model) -> scalar`` is
     added to every minibatch loss (a continual-learning regulariser such as λ·FSD). ``loss``: "cross_entropy"
     (labels y (N,)) or "squared" (½‖f(x) − y‖² per example, targets y (N, K); regression). The optimiser object is returned
     in ``state.optimizer`` so that its preconditioner (IVON's Hessian, Adam's second moment) can be read as a
@@ -137,6 +143,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
     loss_fn = LOSSES[loss]
     if optimizer == "lbfgs" and (penalty is not None or loss != "cross_entropy"):
         raise ValueError("penalty and the squared loss are supported by the minibatch optimisers, not by lbfgs")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; valid choices: {', '.join(AUGMENTATIONS)}")
+    if nesterov and optimizer != "sgd":
+        raise ValueError("nesterov momentum is an SGD option")
     if epochs < 0 or lr <= 0:
         raise ValueError(f"need epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
     device = next(model.parameters()).device
@@ -163,10 +173,11 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
             getattr(cb, "on_epoch_end", lambda s: None)(state)
         return state
 
-    opt = _make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, delta=delta, n=n,
+    opt = _make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, delta=delta, n=n,
                           hess_init=hess_init, beta2=beta2, mc_samples=mc_samples)
     sched = {"cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr_min),
              "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma),
+             "multistep": lambda: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma),
              "constant": lambda: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)}[schedule]()
     state.optimizer = opt
     explicit_l2 = optimizer in ("sgd", "adam")
@@ -182,7 +193,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         total = 0.0
         for start in range(0, n, bs):
             idx = order[start:start + bs]
-            xb, yb = x[idx], y[idx]
+            xb, yb = augmented(x[idx], augment, g), y[idx]
             for cb in callbacks:
                 if hasattr(cb, "on_batch_start"):
                     cb.on_batch_start(state, idx)

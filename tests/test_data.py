@@ -221,3 +221,39 @@ def test_permute_pixels_is_one_shared_permutation():
     torch.testing.assert_close(flat, x.flatten(-2)[..., perm])  # same for every image and channel
     torch.testing.assert_close(p.x_test, p.x_train[:2])  # and for the test part
     assert permute_pixels(d, seed=3).x_train.equal(p.x_train) and not permute_pixels(d, seed=4).x_train.equal(p.x_train)
+
+
+def test_crop_flip_is_a_shifted_window_of_the_padded_image():
+    """Brute force: every augmented image equals the window of the zero-padded image at some offset in [0, 2 pad],
+    flipped or not, and both flips occur."""
+    from mpe.data import augmented
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, 6, 5, generator=g)
+    out = augmented(x, "crop_flip", torch.Generator().manual_seed(1), pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    flips = []
+    for i in range(len(x)):
+        hits = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                if torch.equal(out[i], (lambda w: w.flip(-1) if f else w)(padded[i, :, dy:dy + 6, dx:dx + 5]))]
+        assert hits, i
+        flips.append(hits[0][2])
+    assert 0 < sum(flips) < len(flips)
+    torch.testing.assert_close(augmented(x, "crop_flip", torch.Generator().manual_seed(1), pad=2), out)
+    assert augmented(x, "none", g) is x
+
+
+def test_cutout_zeroes_one_clipped_square():
+    from mpe.data import augmented
+
+    x = torch.full((200, 3, 32, 32), 5.0)
+    out = augmented(x, "crop_flip_cutout", torch.Generator().manual_seed(0), pad=0)
+    holes = out[:, 0] == 0
+    assert torch.equal(holes, (out == 0).all(1))                      # the same hole in every channel
+    sizes = holes.sum((1, 2))
+    assert sizes.min() >= 8 * 8 and sizes.max() == 16 * 16           # a corner centre keeps a quarter of it
+    for h in holes[:20]:
+        rows, cols = h.any(1).nonzero().squeeze(1), h.any(0).nonzero().squeeze(1)
+        assert h.sum() == len(rows) * len(cols) and rows.diff().eq(1).all() and cols.diff().eq(1).all()
+    with pytest.raises(ValueError, match="valid choices"):
+        augmented(x, "mixup", torch.Generator())

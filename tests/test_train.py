@@ -117,7 +117,7 @@ def test_step_and_constant_schedules():
         state = train(net, x, y, optimizer="sgd", lr=0.1, epochs=4, batch_size=8, schedule=schedule, step_size=2,
                       gamma=0.5)
         assert abs(state.optimizer.param_groups[0]["lr"] - want) < 1e-12
-    with pytest.raises(ValueError, match="valid choices: cosine, step, constant"):
+    with pytest.raises(ValueError, match="valid choices: cosine, step, multistep, constant"):
         train(net, x, y, lr=0.1, epochs=1, schedule="linear")
 
 
@@ -152,3 +152,47 @@ def test_squared_loss_step_by_hand():
     torch.testing.assert_close(net.bias.detach(), b - 0.1 * r.mean(0))
     with pytest.raises(ValueError, match="valid choices"):
         train(net, x, y, loss="hinge", epochs=1, lr=0.1)
+
+
+def test_multistep_schedule_and_nesterov():
+    """MultiStepLR multiplies by gamma after each milestone epoch; Nesterov momentum reaches torch's SGD flag."""
+    x, y = torch.randn(16, 1, 1, 3), torch.randint(0, 2, (16,))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
+    state = train(net, x, y, optimizer="sgd", lr=0.1, epochs=5, batch_size=8, schedule="multistep", milestones=(2, 4),
+                  gamma=0.2, nesterov=True)
+    assert abs(state.optimizer.param_groups[0]["lr"] - 0.1 * 0.2 ** 2) < 1e-12
+    assert state.optimizer.param_groups[0]["nesterov"]
+    with pytest.raises(ValueError, match="SGD option"):
+        train(net, x, y, optimizer="adam", lr=0.1, epochs=1, nesterov=True)
+
+
+def test_augmentation_is_seeded_and_reaches_the_callbacks():
+    """With augment="none" nothing changes; crop+flip changes the run, reproducibly, and callbacks see the logits of
+    the augmented batch (Toneva's online statistics)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 3, 8, 8, generator=g), torch.randint(0, 3, (24,), generator=g)
+
+    class Logits:
+        def __init__(self):
+            self.seen = []
+
+        def on_batch_end(self, state, idx, logits, yb):
+            self.seen.append(logits)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+        cb = Logits()
+        train(net, x, y, optimizer="sgd", lr=0.1, epochs=2, batch_size=8, seed=3, callbacks=[cb], **kw)
+        return flat_params(net), cb.seen
+
+    plain, seen_plain = run()
+    torch.testing.assert_close(run(augment="none")[0], plain)
+    aug, seen = run(augment="crop_flip")
+    torch.testing.assert_close(run(augment="crop_flip")[0], aug)
+    assert not torch.allclose(aug, plain)
+    torch.manual_seed(0)
+    first = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    assert not torch.allclose(seen[0], first(x[torch.randperm(24, generator=torch.Generator().manual_seed(3))[:8]]))
+    with pytest.raises(ValueError, match="valid choices: none, crop_flip"):
+        train(first, x, y, lr=0.1, epochs=1, augment="rotate")
