@@ -10,6 +10,11 @@ Command line (used by the Makefile)::
 A notebook ``notebooks/<paper>/<id>_<what>.ipynb`` has the id ``<paper>-<id>``; its outputs are
 ``figures/<profile>/<paper>-<id>.{png,pdf,csv,md,json}``. The paper profile's parameters live in
 ``params/paper/<paper>-<id>.yaml`` and are passed to papermill with ``-f``.
+
+**Variants.** Where a paper runs the same figure in a second setting (CIFAR-10 / ResNet-18 beside MNIST), the
+setting is a self-contained file ``params/paper/<paper>-<id>-<variant>.yaml`` (plus its shrunk smoke test under
+``params/shrunk/``). The notebook receives ``variant="<variant>"`` and writes its outputs under the figure id
+``<paper>-<id>-<variant>`` (:func:`figure_id`). ``make figures PROFILE=paper`` runs every variant.
 """
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["PROFILES", "repo_root", "figures_dir", "check_choice", "check_params", "notebook_id", "setup_table",
-           "Claims", "save_table", "main"]
+__all__ = ["PROFILES", "repo_root", "figures_dir", "check_choice", "check_params", "notebook_id", "figure_id",
+           "variants", "setup_table", "Claims", "save_table", "main"]
 
 PROFILES = ("quick", "paper")
 VERDICTS = ("reproduced", "not reproduced", "not testable here")
@@ -77,8 +82,20 @@ def notebook_id(path: str | Path) -> str:
     return f"{path.parent.name}-{path.stem.split('_')[0]}"
 
 
-def paper_params_file(nb_id: str) -> Path:
-    return repo_root() / "params" / "paper" / f"{nb_id}.yaml"
+def figure_id(nb_id: str, variant: str = "") -> str:
+    """The id of a notebook's outputs: ``nb_id`` itself, or ``<nb_id>-<variant>`` for a paper-profile variant."""
+    if variant and not (variant.isascii() and variant.replace("_", "").isalnum() and variant.islower()):
+        raise ValueError(f"a variant name is lower-case letters, digits and underscores, got {variant!r}")
+    return f"{nb_id}-{variant}" if variant else nb_id
+
+
+def variants(nb_id: str) -> list[str]:
+    """The paper-profile variants of a notebook: the ``<variant>`` of each ``params/paper/<nb_id>-<variant>.yaml``."""
+    return sorted(f.stem[len(nb_id) + 1:] for f in (repo_root() / "params" / "paper").glob(f"{nb_id}-*.yaml"))
+
+
+def paper_params_file(fig_id: str, folder: str = "paper") -> Path:
+    return repo_root() / "params" / folder / f"{fig_id}.yaml"
 
 
 def setup_table(nb_id: str, this_run: dict, notes: dict | None = None):
@@ -162,11 +179,12 @@ def _parameters(nb: Path) -> dict:
 
 
 def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Path | None = None,
-        shrunk: bool = False) -> Path:
+        shrunk: bool = False, variant: str = "") -> Path:
     """Execute one notebook with papermill for ``profile`` into ``build/<profile>/...``; record its run time.
 
     ``shrunk=True`` (paper profile only) overrides the paper parameters with ``params/shrunk/<id>.yaml``: the same
     models, optimisers and code path on tiny data for one epoch, so that ``make test`` exercises the paper profile.
+    ``variant`` (paper profile only) runs the setting ``params/paper/<id>-<variant>.yaml`` instead of the main one.
     """
     import papermill as pm
     import yaml
@@ -180,25 +198,31 @@ def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Pat
     if not nb.exists():
         raise FileNotFoundError(f"no notebook {nb}; known: {', '.join(map(str, notebooks()))}")
     nb_id = notebook_id(nb)
+    fig_id = figure_id(nb_id, variant)
     declared = _parameters(nb)
-    params = {"profile": profile, "device": device}
+    params = {"profile": profile, "device": device} | ({"variant": variant} if variant else {})
+    if variant and variant not in variants(nb_id):
+        raise ValueError(f"{nb_id} has no paper-profile variant {variant!r}; known: {', '.join(variants(nb_id)) or 'none'}")
+    if variant and profile != "paper":
+        raise ValueError("variants are settings of the paper profile; use profile='paper'")
     if profile != "quick":
-        f = paper_params_file(nb_id)
+        f = paper_params_file(fig_id)
         if not f.exists():
-            raise FileNotFoundError(f"{nb_id}: no parameters for profile {profile!r} ({f})")
+            raise FileNotFoundError(f"{fig_id}: no parameters for profile {profile!r} ({f})")
         params.update(yaml.safe_load(f.read_text()) or {})
     if shrunk:
         if profile != "paper":
             raise ValueError("shrunk runs are a smoke test of the paper profile; use profile='paper'")
-        f = repo_root() / "params" / "shrunk" / f"{nb_id}.yaml"
+        f = paper_params_file(fig_id, "shrunk")
         if not f.exists():
-            raise FileNotFoundError(f"{nb_id}: no shrunk parameters ({f})")
+            raise FileNotFoundError(f"{fig_id}: no shrunk parameters ({f})")
         params.update(yaml.safe_load(f.read_text()) or {})
     unknown = sorted(set(params) - set(declared))
     if unknown:
         raise ValueError(f"{nb_id}: unknown parameter(s) {', '.join(unknown)}; the notebook declares: "
                          f"{', '.join(declared)}")
-    output = output or root / "build" / (profile + "-shrunk" * shrunk) / nb.relative_to(root / "notebooks")
+    rel = nb.relative_to(root / "notebooks")
+    output = output or root / "build" / (profile + "-shrunk" * shrunk) / rel.with_stem(rel.stem + f"-{variant}" * bool(variant))
     output.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MPLBACKEND", "Agg")
     if profile == "quick" or shrunk:
@@ -207,12 +231,12 @@ def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Pat
     pm.execute_notebook(str(nb), str(output), parameters=params, kernel_name="python3", cwd=str(nb.parent),
                         progress_bar=False)
     elapsed = time.perf_counter() - start
-    claims = figures_dir(profile) / f"{nb_id}.json"
-    data = json.loads(claims.read_text()) if claims.exists() else {"id": nb_id, "profile": profile, "claims": []}
+    claims = figures_dir(profile) / f"{fig_id}.json"
+    data = json.loads(claims.read_text()) if claims.exists() else {"id": fig_id, "profile": profile, "claims": []}
     data["runtime_s"] = round(elapsed, 1)
     claims.parent.mkdir(parents=True, exist_ok=True)
     claims.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"{nb_id}: {elapsed:.0f} s")
+    print(f"{fig_id}: {elapsed:.0f} s")
     return output
 
 
@@ -248,7 +272,7 @@ def summary(profile: str = "quick") -> Path:
              "claims check and in the `<id>.json` files beside this one.", "",
              "| figure | notebook | run time (s) | reproduced | not reproduced | not testable here |",
              "|---|---|---|---|---|---|"]
-    by_id = {notebook_id(p): p for p in notebooks()}
+    by_id = {figure_id(notebook_id(p), v): p for p in notebooks() for v in ["", *variants(notebook_id(p))]}
     for f in sorted(out.glob("*.json")):
         data = json.loads(f.read_text())
         if "claims" not in data:
@@ -270,6 +294,9 @@ def main(argv=None) -> int:
     r.add_argument("--profile", default="quick")
     r.add_argument("--device", default="cpu")
     r.add_argument("--shrunk", action="store_true", help="paper profile on tiny data (params/shrunk/<id>.yaml)")
+    r.add_argument("--variant", default=None,
+                   help="paper profile only: run this variant; '' the main setting; default: the main one, then every "
+                        "variant")
     ref = sub.add_parser("references")
     ref.add_argument("notebooks", nargs="+")
     s = sub.add_parser("summary")
@@ -278,14 +305,19 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.cmd == "run":
-            run(a.notebook, a.profile, a.device, shrunk=a.shrunk)
+            todo = [a.variant] if a.variant is not None else [""]
+            if a.variant is None and a.profile == "paper":
+                todo += variants(notebook_id(a.notebook))
+            for v in todo:
+                run(a.notebook, a.profile, a.device, shrunk=a.shrunk, variant=v)
         elif a.cmd == "references":
             references(a.notebooks)
         elif a.cmd == "summary":
             print(summary(a.profile))
         else:
             for p in notebooks():
-                print(f"{notebook_id(p):24s} {p}")
+                extra = variants(notebook_id(p))
+                print(f"{notebook_id(p):24s} {p}" + (f"  (paper variants: {', '.join(extra)})" if extra else ""))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

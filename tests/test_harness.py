@@ -41,6 +41,20 @@ def test_claims_verdicts_and_json(tmp_path, monkeypatch, capsys):
 
 def test_notebook_id():
     assert harness.notebook_id("notebooks/mpe/fig2_estimated_vs_true_deviation.ipynb") == "mpe-fig2"
+    assert harness.figure_id("mpe-fig2") == "mpe-fig2"
+    assert harness.figure_id("mpe-fig2", "cifar10") == "mpe-fig2-cifar10"
+    with pytest.raises(ValueError, match="lower-case"):
+        harness.figure_id("mpe-fig2", "../x")
+
+
+def test_variants_are_found_by_file_name(tmp_path, monkeypatch):
+    (tmp_path / "Makefile").touch()
+    (tmp_path / "params" / "paper").mkdir(parents=True)
+    for name in ("mpe-fig1", "mpe-fig1-cifar10", "mpe-fig10", "mpe-fig1-resnet_nobn"):
+        (tmp_path / "params" / "paper" / f"{name}.yaml").touch()
+    monkeypatch.setattr(harness, "repo_root", lambda: tmp_path)
+    assert harness.variants("mpe-fig1") == ["cifar10", "resnet_nobn"]
+    assert harness.variants("mpe-fig10") == []
 
 
 def test_savefig_is_byte_stable(tmp_path):
@@ -59,6 +73,8 @@ def test_run_rejects_unknown_profile_and_parameters(tmp_path, monkeypatch):
         harness.run("notebooks/mpe/exact_cases_theorems.ipynb", profile="huge")
     with pytest.raises(FileNotFoundError, match="no notebook"):
         harness.run("notebooks/mpe/nothing.ipynb")
+    with pytest.raises(ValueError, match="no paper-profile variant 'imagenet'"):
+        harness.run("notebooks/mpe/theorems_exact_cases.ipynb", profile="paper", variant="imagenet")
 
 
 def test_every_notebook_is_wired_into_the_harness():
@@ -74,9 +90,15 @@ def test_every_notebook_is_wired_into_the_harness():
         path = harness.repo_root() / nb
         declared = pm.inspect_notebook(str(path))
         assert {"profile", "device"} <= set(declared), nb
-        paper = harness.paper_params_file(harness.notebook_id(nb))
+        nb_id = harness.notebook_id(nb)
+        paper = harness.paper_params_file(nb_id)
         assert paper.exists(), f"{nb}: missing {paper}"
         assert set(yaml.safe_load(paper.read_text()) or {}) <= set(declared), nb
+        for v in harness.variants(nb_id):
+            assert "variant" in declared, f"{nb}: has paper variants but no variant parameter"
+            for folder in ("paper", "shrunk"):
+                f = harness.paper_params_file(harness.figure_id(nb_id, v), folder)
+                assert f.exists() and set(yaml.safe_load(f.read_text()) or {}) <= set(declared), f
         cells = nbformat.read(path, as_version=4).cells
         assert any("NBVAL_CHECK_OUTPUT" in c.source for c in cells if c.cell_type == "code"), nb
         params = [c for c in cells if "parameters" in c.metadata.get("tags", [])]

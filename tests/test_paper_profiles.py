@@ -9,20 +9,21 @@ import yaml
 from mpe import harness
 
 NOTEBOOKS = harness.notebooks()
+SETTINGS = [(nb, v) for nb in NOTEBOOKS for v in ["", *harness.variants(harness.notebook_id(nb))]]
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[harness.notebook_id(p) for p in NOTEBOOKS])
-def test_shrunk_paper_profile_runs(nb, tmp_path, monkeypatch):
-    nb_id = harness.notebook_id(nb)
-    shrunk = yaml.safe_load((harness.repo_root() / "params" / "shrunk" / f"{nb_id}.yaml").read_text()) or {}
-    paper = yaml.safe_load(harness.paper_params_file(nb_id).read_text()) or {}
+@pytest.mark.parametrize("nb,variant", SETTINGS, ids=[harness.figure_id(harness.notebook_id(p), v) for p, v in SETTINGS])
+def test_shrunk_paper_profile_runs(nb, variant, tmp_path, monkeypatch):
+    fig_id = harness.figure_id(harness.notebook_id(nb), variant)
+    shrunk = yaml.safe_load(harness.paper_params_file(fig_id, "shrunk").read_text()) or {}
+    paper = yaml.safe_load(harness.paper_params_file(fig_id).read_text()) or {}
     assert set(shrunk) - set(paper) <= set(harness._parameters(harness.repo_root() / nb))
     monkeypatch.setenv("MPE_FIGURES_DIR", str(tmp_path))
     monkeypatch.setenv("MPE_RESULTS_DIR", str(tmp_path / "cache"))
-    harness.run(nb, "paper", "cpu", output=tmp_path / "out.ipynb", shrunk=True)
-    claims = json.loads((tmp_path / "paper" / f"{nb_id}.json").read_text())
-    assert claims["profile"] == "paper" and claims["claims"]
-    assert (tmp_path / "paper" / f"{nb_id}.png").exists()
+    harness.run(nb, "paper", "cpu", output=tmp_path / "out.ipynb", shrunk=True, variant=variant)
+    claims = json.loads((tmp_path / "paper" / f"{fig_id}.json").read_text())
+    assert claims["profile"] == "paper" and claims["claims"] and claims["id"] == fig_id
+    assert (tmp_path / "paper" / f"{fig_id}.png").exists()
 
 
 def test_shrunk_needs_the_paper_profile():
