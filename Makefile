@@ -13,6 +13,7 @@ PAPERS    := mpe lpntk regularity laftr
 
 help:  ## list the targets
 	@echo "make figures [PROFILE=quick|paper] [DEVICE=cpu|cuda|mps|auto] [JOBS=2]  run every notebook -> figures/<profile>/"
+	@echo "                       PROFILE=paper also runs each notebook's variants (params/paper/<id>-<variant>.yaml)"
 	@echo "make figures-<paper>   only one paper's notebooks ($(PAPERS))"
 	@echo "make test              unit tests + nbval regression checks of every notebook (quick profile)"
 	@echo "make unit              unit tests only"
