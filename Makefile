@@ -19,7 +19,7 @@ help:  ## list the targets
 	@echo "make unit              unit tests only"
 	@echo "make lab               JupyterLab on notebooks/"
 	@echo "make references        re-execute notebooks in place: refresh the stored nbval references"
-	@echo "make data              download and verify MNIST, Fashion-MNIST, CIFAR-10 (needs internet)"
+	@echo "make data              download and verify MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100 (needs internet)"
 	@echo "make env               create .venv (torch CPU build pinned first)"
 	@echo "make clean             remove build products and caches (keeps figures/ and downloaded data)"
 
@@ -60,7 +60,7 @@ references: env
 	$(PY) -m mpe.harness references $(NOTEBOOKS)
 
 data: env
-	$(PY) -c "from mpe.data import load; [print(n, load(n, download=True).x_train.shape) for n in ('mnist', 'fmnist', 'cifar10')]"
+	$(PY) -c "from mpe.data import load; [print(n, load(n, download=True).x_train.shape) for n in ('mnist', 'fmnist', 'cifar10', 'cifar100')]"
 
 clean:
 	rm -rf build .pytest_cache *.egg-info

@@ -28,7 +28,7 @@ from . import fsd
 from .data import Data, permute_pixels
 from .train import predict, train
 
-__all__ = ["Task", "split_tasks", "permuted_tasks", "METHODS", "regulariser", "run_continual"]
+__all__ = ["Task", "split_tasks", "split_cifar_tasks", "permuted_tasks", "METHODS", "regulariser", "run_continual"]
 
 METHODS = ("finetune", "ewc", "kfac", "coreset", "laftr")
 
@@ -57,6 +57,20 @@ def split_tasks(data: Data, groups=((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))) -> 
             return x[keep], relabel[y[keep]]
 
         tasks.append(Task(*part(data.x_train, data.y_train), *part(data.x_test, data.y_test), outputs=g))
+    return tasks
+
+
+def split_cifar_tasks(cifar10: Data, cifar100: Data, n_tasks: int = 6) -> list[Task]:
+    """Split CIFAR (FROMP's benchmark, used by LAFTR; notes §3): task 0 is CIFAR-10, task k >= 1 the CIFAR-100 classes
+    10(k-1) ... 10k-1 relabelled 0..9. Task k owns the logits 10k ... 10k+9 of a network with 10 ``n_tasks`` outputs
+    (CifarNet: 60 for the 6 tasks of the paper; at most 11 tasks). Each dataset keeps its own normalisation."""
+    if not 1 <= n_tasks <= 11:
+        raise ValueError(f"Split CIFAR has 1 to 11 tasks (CIFAR-10, then ten groups of CIFAR-100), got {n_tasks}")
+    tasks = [Task(cifar10.x_train, cifar10.y_train, cifar10.x_test, cifar10.y_test, outputs=list(range(10)))]
+    for k in range(1, n_tasks):
+        (task,) = split_tasks(cifar100, [tuple(range(10 * (k - 1), 10 * k))])
+        task.outputs = list(range(10 * k, 10 * k + 10))
+        tasks.append(task)
     return tasks
 
 

