@@ -112,6 +112,14 @@ def two_layer_relu_entk(X: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> 
     return first + second
 
 
+def self_is_max(sim: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the examples whose own entry is the maximum of their row of ``sim`` (n, n) — "selfmax" examples,
+    which no other example resembles more than they resemble themselves. Full rows (the official code compares only
+    against j >= i, which favours larger indices)."""
+    sim = torch.as_tensor(sim)
+    return torch.diagonal(sim) >= sim.max(1).values
+
+
 def fpc(sim: torch.Tensor, n_clusters: int, selfmax_guard: bool = True) -> list[tuple[int, list[int]]]:
     r"""Farthest-point clustering of one class by raw similarity, as the official lpNTK code does it.
 
@@ -128,7 +136,7 @@ def fpc(sim: torch.Tensor, n_clusters: int, selfmax_guard: bool = True) -> list[
         raise ValueError(f"need a square similarity matrix and 1 <= n_clusters <= n = {n}, got {n_clusters}")
     sim = torch.as_tensor(sim, dtype=torch.float64)
     if selfmax_guard:
-        selfmax = [i for i in range(n) if sim[i, i] >= sim[i].max()]
+        selfmax = torch.nonzero(self_is_max(sim)).flatten().tolist()
         if len(selfmax) <= n_clusters:
             return [(i, [i]) for i in selfmax]
     iu = torch.triu_indices(n, n)

@@ -10,6 +10,9 @@ Every rule works per class and returns the indices to **keep** (sorted), so that
   linkage, Kruskal) until as many groups remain as examples are kept, and keep one random member of each group.
 - :func:`average_similarity` + :func:`prune_lowest` — rank by the mean lpNTK to the own class and remove the most
   typical examples (the official ``avg`` rule, with the order its ``--class-merged`` path intends).
+- :func:`prune_selfmax` — the official ``selfmax`` filter: only examples that are their own most similar example
+  survive; ``faithful=True`` keeps a random share of those (and so a class size the other rules do not match),
+  the default removes the others first and then random selfmax examples, to the common per-class fraction.
 - :func:`prune_lowest` — remove the examples with the lowest score (EL2N, GraNd, forgetting count: the "easy" ones).
 - :func:`prune_random` — the random baseline.
 """
@@ -17,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import fpc, gram
+from .kernels import fpc, gram, self_is_max
 
-__all__ = ["prune_clusters", "prune_single_linkage", "average_similarity", "prune_lowest", "prune_random",
-           "grand_scores"]
+__all__ = ["prune_clusters", "prune_single_linkage", "prune_selfmax", "average_similarity", "prune_lowest",
+           "prune_random", "grand_scores"]
 
 
 def _check(fraction):
@@ -28,14 +31,16 @@ def _check(fraction):
         raise ValueError(f"fraction to remove must lie in [0, 1), got {fraction}")
 
 
-def _per_class(y, fraction, choose):
+def _per_class(y, fraction, choose, always: bool = False):
+    """Keep-indices after ``choose(members, n_remove)`` picked the removed examples of each class (called even for
+    n_remove = 0 when ``always``)."""
     _check(fraction)
     y = torch.as_tensor(y)
     keep = []
     for c in torch.unique(y):
         members = torch.nonzero(y == c).flatten()
         n_remove = int(round(fraction * len(members)))
-        removed = set(choose(members, n_remove)) if n_remove else set()
+        removed = set(choose(members, n_remove)) if n_remove or always else set()
         keep += [int(i) for i in members if int(i) not in removed]
     return torch.tensor(sorted(keep))
 
@@ -105,6 +110,26 @@ def prune_single_linkage(phi: torch.Tensor, y: torch.Tensor, fraction: float, se
         return [int(members[i]) for i in range(n) if i not in kept]
 
     return _per_class(y, fraction, choose)
+
+
+def prune_selfmax(phi: torch.Tensor, y: torch.Tensor, fraction: float, seed: int = 0,
+                  faithful: bool = False) -> torch.Tensor:
+    """Per class, the selfmax filter on the Gram matrix of ``phi`` (N, P) (:func:`mpe.kernels.self_is_max`).
+
+    Default: remove ``fraction`` of the class, the non-selfmax examples first (in random order), then random selfmax
+    examples. ``faithful=True`` (official ``exp4.1 selfmax``): keep a random round((1 - fraction)·|S_c|) of the
+    class's selfmax examples S_c and drop every other example, so the kept size depends on |S_c|."""
+    g = torch.Generator().manual_seed(seed)
+
+    def choose(members, k):
+        top = self_is_max(gram(phi[members]))
+        order = torch.randperm(len(members), generator=g)
+        others, selfmax = order[~top[order]], order[top[order]]
+        if faithful:
+            k = len(others) + len(selfmax) - int(round((1 - fraction) * len(selfmax)))
+        return members[torch.cat([others, selfmax])[:k]].tolist()
+
+    return _per_class(y, fraction, choose, always=faithful)
 
 
 def average_similarity(phi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mpe.pruning import prune_clusters, prune_lowest, prune_random
+from mpe.pruning import prune_clusters, prune_lowest, prune_random, prune_selfmax
 
 
 def test_prune_lowest_is_per_class():
@@ -49,3 +49,17 @@ def test_average_similarity_by_hand():
     phi = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
     y = torch.tensor([0, 0, 1])
     assert average_similarity(phi, y).tolist() == [1.0, 1.5, 4.0]  # (1 + 1) / 2, (1 + 2) / 2, 4 / 1
+
+
+def test_selfmax_filter_by_hand():
+    """Per class: [3,0] and [0,2] are their own most similar example; [1,0] is closer to [3,0] (3 > 1) and [0,1] to
+    [0,2] (2 > 1), so they go first. Class 1 is the same pattern shifted."""
+    block = torch.tensor([[3.0, 0], [1, 0], [0, 2], [0, 1]])
+    phi, y = torch.cat([block, 2 * block]), torch.tensor([0] * 4 + [1] * 4)
+    assert prune_selfmax(phi, y, 0.5).tolist() == [0, 2, 4, 6]
+    quarter = prune_selfmax(phi, y, 0.25, seed=3).tolist()
+    assert len(quarter) == 6 and {0, 2, 4, 6} <= set(quarter)
+    assert prune_selfmax(phi, y, 0.0, faithful=True).tolist() == [0, 2, 4, 6]   # the others go even at fraction 0
+    half = prune_selfmax(phi, y, 0.5, faithful=True, seed=1).tolist()
+    assert len(half) == 2 and half[0] in (0, 2) and half[1] in (4, 6)
+    assert prune_selfmax(phi, y, 0.0).tolist() == list(range(8))
