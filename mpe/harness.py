@@ -53,17 +53,17 @@ def check_choice(name: str, value, choices) -> None:
 def check_params(**params) -> dict:
     """Validate a notebook's parameters before any work starts; returns them unchanged.
 
-    Known names are checked against their registries (profile, device, dataset, model, optimizer, form); names
-    ending in ``_n``/``n_``/``epochs``/``lr``/``delta`` must be positive numbers.
+    Known names are checked against their registries (profile, device, dataset, model, optimizer, form, augment,
+    schedule); names ending in ``_n``/``n_``/``epochs``/``lr``/``delta`` must be positive numbers.
     """
     from . import DEVICES
-    from .data import DATASETS
+    from .data import AUGMENTATIONS, DATASETS
     from .models import MODELS
     from .sensitivity import FORMS
-    from .train import OPTIMIZERS
+    from .train import OPTIMIZERS, SCHEDULES
 
     registries = {"profile": PROFILES, "device": DEVICES, "dataset": DATASETS, "model": MODELS,
-                  "optimizer": OPTIMIZERS, "form": FORMS}
+                  "optimizer": OPTIMIZERS, "form": FORMS, "augment": AUGMENTATIONS, "schedule": SCHEDULES}
     for name, value in params.items():
         base = name.rstrip("s") if name.endswith("s") and name.rstrip("s") in registries else name
         if base in registries:
@@ -256,11 +256,17 @@ def clean_notebook(path: Path) -> None:
 
 
 def references(nbs) -> None:
-    """Re-execute notebooks in place on the quick profile: their stored outputs are the nbval references."""
+    """Re-execute notebooks on the quick profile and store their outputs in place as the nbval references. Each runs
+    into a temporary file first, so a failing run leaves the source notebook as it was."""
     for nb in nbs:
         path = repo_root() / nb
-        run(path, "quick", "cpu", output=path)
-        clean_notebook(path)
+        tmp = path.with_name(f".{path.stem}.running.ipynb")
+        try:
+            run(path, "quick", "cpu", output=tmp)
+            clean_notebook(tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def summary(profile: str = "quick") -> Path:

@@ -12,6 +12,8 @@ def test_parameter_validation_names_valid_choices():
         harness.check_params(profile="fast")
     with pytest.raises(ValueError, match="valid choices: cpu, cuda, mps, auto"):
         harness.check_params(device="gpu")
+    with pytest.raises(ValueError, match="valid choices: none, crop_flip"):
+        harness.check_params(augment="cutout")
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         harness.check_params(dataset="cifar")
     with pytest.raises(ValueError, match="unknown model"):
@@ -106,3 +108,24 @@ def test_every_notebook_is_wired_into_the_harness():
         for line in params[0].source.splitlines():  # papermill cannot parse a comment holding "=" or an apostrophe
             comment = line.split("#", 1)[1] if "#" in line else ""
             assert "=" not in comment and "'" not in comment, f"{nb}: papermill cannot parse {line!r}"
+
+
+def test_failing_reference_run_leaves_the_notebook_untouched(tmp_path, monkeypatch):
+    import nbformat
+
+    (tmp_path / "Makefile").touch()
+    path = tmp_path / "notebooks" / "mpe" / "broken.ipynb"
+    path.parent.mkdir(parents=True)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('profile = "quick"\ndevice = "cpu"',
+                                                                    metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell("raise RuntimeError('boom')")],
+                                  metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(harness, "repo_root", lambda: tmp_path)
+    monkeypatch.setenv("MPE_FIGURES_DIR", str(tmp_path / "figures"))
+    with pytest.raises(Exception, match="boom"):
+        harness.references(["notebooks/mpe/broken.ipynb"])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["broken.ipynb"]
