@@ -27,7 +27,7 @@ from torch import nn
 
 from .data import AUGMENTATIONS, augmented
 
-__all__ = ["train", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES", "PerExampleRecorder", "flat_params",
+__all__ = ["train", "stop_after", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES", "PerExampleRecorder", "flat_params",
            "set_flat_params", "l2_objective"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
@@ -50,8 +50,9 @@ def set_flat_params(model: nn.Module, theta: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-    """Logits (N, K) in eval mode, batched."""
+    """Logits (N, K) in eval mode, batched, without an autograd graph (so memory stays that of one batch)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -132,7 +133,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
     added to every minibatch loss (a continual-learning regulariser such as λ·FSD). ``loss``: "cross_entropy"
     (labels y (N,)) or "squared" (½‖f(x) − y‖² per example, targets y (N, K); regression). The optimiser object is returned
     in ``state.optimizer`` so that its preconditioner (IVON's Hessian, Adam's second moment) can be read as a
-    variance.
+    variance. Callbacks get ``on_batch_start(state, idx)``, ``on_batch_end(state, idx, logits, yb)`` and
+    ``on_epoch_end(state)``; during a step ``state.batch`` is the (augmented) minibatch (xb, yb) the step uses, and a
+    callback that sets ``state.stop`` ends training after the current epoch (:func:`stop_after`).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
@@ -153,7 +156,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
     x, y = x.to(device), y.to(device)
     n = len(x)
     model.train()
-    state = SimpleNamespace(model=model, optimizer=None, epoch=0, step=0, n=n, losses=[])
+    state = SimpleNamespace(model=model, optimizer=None, epoch=0, step=0, n=n, losses=[], stop=False)
 
     if optimizer == "lbfgs":
         opt = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=max(epochs, 1), history_size=50,
@@ -194,6 +197,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         for start in range(0, n, bs):
             idx = order[start:start + bs]
             xb, yb = augmented(x[idx], augment, g), y[idx]
+            state.batch = (xb, yb)
             for cb in callbacks:
                 if hasattr(cb, "on_batch_start"):
                     cb.on_batch_start(state, idx)
@@ -230,4 +234,18 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         for cb in callbacks:
             if hasattr(cb, "on_epoch_end"):
                 cb.on_epoch_end(state)
+        if state.stop:
+            break
     return state
+
+
+def stop_after(epochs: int):
+    """Callback that ends training after ``epochs`` epochs while the schedule keeps its full length: the first epochs
+    of a longer run (EL2N "after 20 of 200 epochs"), not a short run with its own, faster-decaying schedule."""
+    if epochs < 1:
+        raise ValueError(f"need epochs >= 1, got {epochs}")
+
+    def on_epoch_end(state):
+        state.stop = state.stop or state.epoch >= epochs
+
+    return SimpleNamespace(on_epoch_end=on_epoch_end)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from mpe.retrain import job_key, run_jobs
-from mpe.train import PerExampleRecorder, flat_params, l2_objective, train
+from mpe.train import PerExampleRecorder, flat_params, l2_objective, predict, stop_after, train
 
 
 def data(n=12):
@@ -119,6 +119,24 @@ def test_step_and_constant_schedules():
         assert abs(state.optimizer.param_groups[0]["lr"] - want) < 1e-12
     with pytest.raises(ValueError, match="valid choices: cosine, step, multistep, constant"):
         train(net, x, y, lr=0.1, epochs=1, schedule="linear")
+
+
+def test_stop_after_gives_the_first_epochs_of_the_long_run():
+    x, y = data()
+    full = train(model(), x, y, lr=0.1, epochs=6, batch_size=4, schedule="cosine")
+    head = train(net := model(), x, y, lr=0.1, epochs=6, batch_size=4, schedule="cosine", callbacks=[stop_after(2)])
+    assert head.epoch == 2 and head.losses == full.losses[:2]
+    assert abs(head.optimizer.param_groups[0]["lr"] - 0.1 * (1 + torch.cos(torch.tensor(torch.pi / 3))) / 2) < 1e-7
+    short = train(model(), x, y, lr=0.1, epochs=2, batch_size=4, schedule="cosine")  # its own, faster schedule
+    assert not torch.equal(flat_params(short.model), flat_params(net))
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        stop_after(0)
+
+
+def test_predict_keeps_no_graph():
+    x, _ = data()
+    out = predict(model(), x, batch_size=5)
+    assert out.shape == (12, 3) and not out.requires_grad
 
 
 def test_penalty_is_added_to_every_minibatch_loss():
