@@ -213,6 +213,7 @@ MODELS = {
     "toneva_mnist_cnn": toneva_mnist_cnn,
     "jiang_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (512, 256), n_classes, "relu"),
     "resnet18": resnet18,
+    "resnet18_nobn": lambda in_shape=(3, 32, 32), n_classes=10: resnet18(in_shape, n_classes, "none"),
     "cifarnet": cifarnet,
     "laftr_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (100, 100), n_classes, "relu"),
 }

@@ -114,6 +114,8 @@ class ForgettingPredictor:
     ``tp``, ``fp``, ``fn``, ``tn`` are summed over the first ``max_steps`` steps (all if None); ``checked`` counts the
     examples that were correct before the update (the ones that can be forgotten). ``el2n_error`` is the mean of
     |EL2N(q̂)/EL2N(q_t) − 1|. Eq. 1 is exact to first order for plain SGD (no momentum, no weight decay).
+    With augmentation, Δq is that of the augmented minibatch the step used (``state.batch``), and the checked
+    examples are the clean ones: forgetting is a change of the training example's own prediction.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, max_steps: int | None = None):
@@ -130,7 +132,8 @@ class ForgettingPredictor:
         xp, yp = self.x[self.prev].to(device), self.y[self.prev].to(device)
         correct, q = _correct_and_probs(state.model, xp, yp)
         lr = state.optimizer.param_groups[0]["lr"]
-        q_hat = q + delta_q(state.model, xp, self.x[idx].to(device), self.y[idx].to(device), lr)
+        xb, yb = state.batch
+        q_hat = q + delta_q(state.model, xp, xb, yb, lr)
         self.pending = (xp, yp, correct, q_hat)
 
     def on_batch_end(self, state, idx, *_) -> None:

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from mpe.data import augmented
 from mpe.kernels import delta_q
 from mpe.regularity import ForgettingPredictor, precision_recall_f1
 from mpe.train import train
@@ -13,19 +14,21 @@ def test_precision_recall_f1_by_hand():
     assert precision_recall_f1(0, 0, 0) == (1.0, 1.0, 1.0)
 
 
-def test_forgetting_predictor_matches_a_manual_replay():
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+def test_forgetting_predictor_matches_a_manual_replay(augment):
+    """Eq. 1 with the minibatch the step really used (augmented, when training augments), checked on clean examples."""
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(40, 1, 1, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    x, y = torch.randn(40, 1, 2, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
     y[:8] = (y[:8] + 1) % 3  # some noisy labels so that examples get forgotten
 
     def net():
         torch.manual_seed(1)
-        return nn.Sequential(nn.Flatten(), nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+        return nn.Sequential(nn.Flatten(), nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
     model, lr, bs = net(), 0.5, 8
     cb = ForgettingPredictor(x, y)
     train(model, x, y, optimizer="sgd", lr=lr, epochs=3, batch_size=bs, momentum=0.0, schedule="constant", seed=0,
-          callbacks=[cb])
+          callbacks=[cb], augment=augment)
 
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -35,12 +38,13 @@ def test_forgetting_predictor_matches_a_manual_replay():
         order = torch.randperm(40, generator=gen)
         for s in range(0, 40, bs):
             idx = order[s:s + bs]
+            xb = augmented(x[idx], augment, gen)
             if prev is not None:
                 before = model(x[prev]).argmax(1) == y[prev]
                 q = torch.softmax(model(x[prev]), 1).detach()
-                pred = before & ((q + delta_q(model, x[prev], x[idx], y[idx], lr)).argmax(1) != y[prev])
+                pred = before & ((q + delta_q(model, x[prev], xb, y[idx], lr)).argmax(1) != y[prev])
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            nn.functional.cross_entropy(model(xb), y[idx]).backward()
             opt.step()
             if prev is not None:
                 true = before & (model(x[prev]).argmax(1) != y[prev])
