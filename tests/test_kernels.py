@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpe.kernels import delta_q, entk_blocks, features, fpc, gram, signs, two_layer_relu_entk
+from mpe.kernels import count_sketch, delta_q, entk_blocks, features, fpc, gram, signs, two_layer_relu_entk
 from mpe.train import flat_params, set_flat_params
 
 
@@ -26,6 +26,23 @@ def test_feature_gram_equals_sign_contraction_of_the_entk(f64):
     assert signs(torch.tensor([2]), 4).tolist() == [[-1.0, -1.0, 1.0, -1.0]]
     with pytest.raises(ValueError, match="valid choices: lpntk, pntk"):
         signs(y, 4, "entk")
+
+
+def test_sketched_features_are_the_count_sketch_of_the_exact_ones(f64):
+    net = tiny_net()
+    x, y = torch.randn(7, 1, 2, 3), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    phi = features(net, x, y)  # (7, P), P = 59
+    bucket, sign = count_sketch(phi.shape[1], 8, seed=3)
+    S = torch.zeros(8, phi.shape[1], dtype=phi.dtype)
+    S[bucket, torch.arange(phi.shape[1])] = sign.double()  # the explicit sketch matrix, one ±1 per column
+    torch.testing.assert_close(features(net, x, y, chunk=3, sketch=8, seed=3), phi @ S.T)
+    # unbiased inner products: the mean Gram over many sketches approaches the exact one (error ~ 1/sqrt(#sketches))
+    mean = sum(gram(features(net, x, y, sketch=16, seed=s)) for s in range(400)) / 400
+    exact = gram(phi)
+    assert (mean - exact).abs().max() < 0.1 * exact.abs().max()
+    assert (gram(features(net, x, y, sketch=16, seed=0)) - exact).abs().max() > 1e-3  # a single sketch is not exact
+    with pytest.raises(ValueError, match="positive"):
+        count_sketch(10, 0)
 
 
 def test_eq1_predicts_the_change_of_one_plain_sgd_step(f64):
