@@ -54,7 +54,8 @@ def check_params(**params) -> dict:
     """Validate a notebook's parameters before any work starts; returns them unchanged.
 
     Known names are checked against their registries (profile, device, dataset, model, optimizer, form, augment,
-    schedule); names ending in ``_n``/``n_``/``epochs``/``lr``/``delta`` must be positive numbers.
+    schedule); names ending in ``_n``/``n_``/``epochs``/``lr``/``delta`` must be positive numbers; ``sketch`` is None
+    or a positive integer.
     """
     from . import DEVICES
     from .data import AUGMENTATIONS, DATASETS
@@ -69,6 +70,9 @@ def check_params(**params) -> dict:
         if base in registries:
             for v in (value if isinstance(value, (list, tuple)) else [value]):
                 check_choice(base, v, registries[base])
+        elif name == "sketch":
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"parameter sketch must be None (exact features) or a positive integer, got {value!r}")
         elif name.startswith("n_") or name.endswith(("epochs", "lr", "delta")):
             for v in (value if isinstance(value, (list, tuple)) else [value]):
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):

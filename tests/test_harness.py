@@ -14,6 +14,9 @@ def test_parameter_validation_names_valid_choices():
         harness.check_params(device="gpu")
     with pytest.raises(ValueError, match="valid choices: none, crop_flip"):
         harness.check_params(augment="cutout")
+    with pytest.raises(ValueError, match="sketch must be None"):
+        harness.check_params(sketch=0.5)
+    assert harness.check_params(sketch=None)["sketch"] is None
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         harness.check_params(dataset="cifar")
     with pytest.raises(ValueError, match="unknown model"):
