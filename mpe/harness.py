@@ -264,7 +264,8 @@ def references(nbs) -> None:
     into a temporary file first, so a failing run leaves the source notebook as it was."""
     for nb in nbs:
         path = repo_root() / nb
-        tmp = path.with_name(f".{path.stem}.running.ipynb")
+        tmp = repo_root() / "build" / "references" / Path(nb).name
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
             run(path, "quick", "cpu", output=tmp)
             clean_notebook(tmp)
