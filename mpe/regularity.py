@@ -20,9 +20,9 @@ import torch
 from .kernels import delta_q
 
 __all__ = ["ForgettingPredictor", "VisitRecorder", "LearningDifficulty", "forgetting_counts", "regularity", "el2n",
-           "precision_recall_f1", "margin", "true_class_prob", "unified_run", "unified_runs", "combine_runs", "first_learned",
-           "unforgettable", "misclassification_margin", "ranking", "windows", "cscore_holdout", "detection_curve",
-           "binned_accuracy"]
+           "precision_recall_f1", "margin", "true_class_prob", "sgd_recipe", "unified_run", "unified_runs",
+           "combine_runs", "first_learned", "unforgettable", "misclassification_margin", "ranking", "windows",
+           "cscore_holdout", "detection_curve", "binned_accuracy"]
 
 
 def el2n(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -207,6 +207,18 @@ def unified_run(model, data, *, offline: bool = True, **train_kw) -> dict:
         tr = callbacks[-1].result()
         out.update(train_epoch=tr["correct"], train_py=tr["py"])
     return out
+
+
+def sgd_recipe(n_train: int, *, epochs: int, lr: float, momentum: float, batch_size: int, weight_decay: float = 0.0,
+               nesterov: bool = False, augment: str = "none", schedule: str = "constant", milestones=(60, 120, 160),
+               gamma: float = 0.2) -> dict:
+    """Keywords of :func:`mpe.train.train` for Toneva's SGD recipes, always in this one form, so that notebooks with
+    the same setting share their cached :func:`unified_runs`. MNIST: constant lr, momentum 0.5; CIFAR-10: Nesterov
+    momentum 0.9, lr × ``gamma`` after each epoch in ``milestones`` (schedule "multistep"), crop+flip, weight decay.
+    ``weight_decay`` is per example: SGD gets δ = weight_decay · n_train (retrain a subset with its own size)."""
+    return dict(epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size, schedule=schedule,
+                milestones=list(milestones), gamma=gamma, nesterov=nesterov, augment=augment,
+                delta=weight_decay * n_train)
 
 
 def unified_runs(data, model: str, seeds, *, device=None, offline: bool = True, cache=None, progress: bool = True,

@@ -224,3 +224,28 @@ def test_subset_runs_cache_each_distinct_run_once(tmp_path):
     assert subset_runs(fit, subsets, dict(study="t"), tmp_path) == [1.0, 1.0, 3.0]
     assert len(calls) == 2
     assert subset_runs(fit, subsets, dict(study="t"), tmp_path) == [1.0, 1.0, 3.0] and len(calls) == 2
+
+
+def test_sgd_recipe_is_torch_sgd_with_per_example_weight_decay():
+    from mpe.regularity import sgd_recipe
+    from mpe.train import flat_params
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 1, 1, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+
+    ours = net()
+    kw = sgd_recipe(20, epochs=2, lr=0.1, momentum=0.9, batch_size=None, weight_decay=0.01, nesterov=True)
+    train(ours, x, y, **kw)
+    ref = net()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        opt.step()
+    torch.testing.assert_close(flat_params(ours), flat_params(ref))
+    assert sgd_recipe(20, epochs=2, lr=0.1, momentum=0.5, batch_size=4) == sgd_recipe(
+        20, epochs=2, lr=0.1, momentum=0.5, batch_size=4, weight_decay=0.0, milestones=[60, 120, 160])
