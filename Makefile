@@ -19,7 +19,7 @@ help:  ## list the targets
 	@echo "make unit              unit tests only"
 	@echo "make lab               JupyterLab on notebooks/"
 	@echo "make references        re-execute notebooks in place: refresh the stored nbval references"
-	@echo "make data              download and verify MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100 (needs internet)"
+	@echo "make data              download and verify MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100, Jiang's C-scores (needs internet)"
 	@echo "make env               create .venv (torch CPU build pinned first)"
 	@echo "make clean             remove build products and caches (keeps figures/ and downloaded data)"
 
@@ -61,6 +61,7 @@ references: env
 
 data: env
 	$(PY) -c "from mpe.data import load; [print(n, load(n, download=True).x_train.shape) for n in ('mnist', 'fmnist', 'cifar10', 'cifar100')]"
+	$(PY) -c "from mpe.data import load, load_cscores; [print(n, 'C-scores', load_cscores(n, load(n).y_train, download=True).shape) for n in ('cifar10', 'cifar100')]"
 
 clean:
 	rm -rf build .pytest_cache *.egg-info

@@ -26,6 +26,7 @@ import pickle
 import struct
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 
 __all__ = ["Data", "load", "DATASETS", "DataNotAvailable", "ChecksumError", "read_idx",
-           "class_balanced_subset", "flip_labels", "permute_pixels", "fetch", "AUGMENTATIONS", "augmented"]
+           "class_balanced_subset", "flip_labels", "permute_pixels", "fetch", "load_cscores", "AUGMENTATIONS",
+           "augmented"]
 
 
 class DataNotAvailable(FileNotFoundError):
@@ -88,6 +90,21 @@ class FileSpec:
     name: str
     archive: str | None  # "sha256:..." or "md5:..." of the file as published
     content: str | None = None  # "md5:..." of the decoded content, where published
+    check: Callable[[Path], None] | None = None  # structural check where no hash is published; raises ChecksumError
+
+
+def _check_cscores(path: Path) -> None:
+    """Jiang et al.'s C-score files publish no hash: require their documented structure (arrays ``labels`` and
+    ``scores`` of the 50,000 CIFAR training images, scores in [0, 1]); :func:`load_cscores` then matches the labels
+    against the dataset's own."""
+    try:
+        with np.load(path) as f:
+            labels, scores = f["labels"], f["scores"]
+    except Exception as err:  # not an npz, or keys missing
+        raise ChecksumError(f"{path}: not a C-score file with arrays labels and scores ({err})") from err
+    if labels.shape != (50000,) or scores.shape != (50000,) or not np.all((scores >= 0) & (scores <= 1)):
+        raise ChecksumError(f"{path}: expected 50,000 labels and 50,000 scores in [0, 1], got shapes "
+                            f"{labels.shape} and {scores.shape}")
 
 
 MNIST_CLASSES = tuple(str(d) for d in range(10))
@@ -130,6 +147,12 @@ REGISTRY: dict[str, dict] = {
             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
             "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
         },
+        local_dirs=[],
+    ),
+    "cscores": dict(  # Jiang et al. 2021, pluskid/structural-regularity: C-scores in the original CIFAR order
+        mirrors=["https://pluskid.github.io/structural-regularity/cscores/"],
+        files=[FileSpec("cifar10-cscores-orig-order.npz", None, check=_check_cscores),
+               FileSpec("cifar100-cscores-orig-order.npz", None, check=_check_cscores)],
         local_dirs=[],
     ),
     "cifar100": dict(
@@ -195,6 +218,9 @@ def verify(path: Path, spec: FileSpec, members: dict | None = None) -> None:
     payload for IDX files, every member for the CIFAR tarball), so a re-compressed copy of the same data passes.
     """
     path = Path(path)
+    if spec.check is not None and spec.archive is None and spec.content is None:
+        spec.check(path)  # no published hash: the structural check decides
+        return
     if spec.archive and _matches(path, spec.archive):
         return
     if spec.content is not None:
@@ -386,6 +412,21 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
 # ----------------------------------------------------------------------------------------------------------
 # Subsets and perturbations
 # ----------------------------------------------------------------------------------------------------------
+def load_cscores(name: str, labels: torch.Tensor | None = None, *, download: bool | None = None) -> torch.Tensor:
+    """Jiang et al.'s released C-scores of the ``name`` ("cifar10" or "cifar100") training images (50,000,), in the
+    original CIFAR order, i.e. aligned with ``load(name).y_train``. Pass that ``labels`` tensor to check the alignment:
+    the file's labels must equal it, or :class:`ChecksumError` is raised (the files publish no hash)."""
+    if name not in ("cifar10", "cifar100"):
+        raise ValueError(f"C-scores are released for cifar10 and cifar100, not {name!r}")
+    spec = next(f for f in REGISTRY["cscores"]["files"] if f.name.startswith(f"{name}-"))
+    path = fetch("cscores", spec, download)
+    with np.load(path) as f:
+        file_labels, scores = f["labels"], f["scores"]
+    if labels is not None and not np.array_equal(file_labels, np.asarray(labels)):
+        raise ChecksumError(f"{path}: its labels are not the {name} training labels in their original order")
+    return torch.as_tensor(scores, dtype=torch.float32)
+
+
 def class_balanced_subset(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """Sorted indices of ``n`` examples with (as near as possible) equal counts per class, seeded.
 

@@ -290,3 +290,31 @@ def test_cutout_zeroes_one_clipped_square():
         assert h.sum() == len(rows) * len(cols) and rows.diff().eq(1).all() and cols.diff().eq(1).all()
     with pytest.raises(ValueError, match="valid choices"):
         augmented(x, "mixup", torch.Generator())
+
+
+def test_released_cscores_are_checked_by_structure_and_by_the_labels(tmp_path, monkeypatch):
+    """Jiang's C-score files publish no hash: a file in their layout passes, is aligned by the CIFAR labels, and a
+    wrong layout or a label mismatch is refused; offline without a copy says what is missing."""
+    monkeypatch.setenv("MPE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MPE_OFFLINE", "1")
+    with pytest.raises(D.DataNotAvailable, match="cifar10-cscores-orig-order.npz"):
+        D.load_cscores("cifar10")
+    g = np.random.default_rng(0)
+    labels, scores = g.integers(0, 10, 50000), g.uniform(0, 1, 50000)
+    (tmp_path / "cscores").mkdir()
+    path = tmp_path / "cscores" / "cifar10-cscores-orig-order.npz"
+    np.savez(path, labels=labels, scores=scores)
+    out = D.load_cscores("cifar10", torch.as_tensor(labels))
+    assert out.shape == (50000,) and torch.allclose(out, torch.as_tensor(scores, dtype=torch.float32))
+    shifted = torch.as_tensor(np.roll(labels, 1))
+    with pytest.raises(D.ChecksumError, match="original order"):
+        D.load_cscores("cifar10", shifted)
+    np.savez(path, labels=labels[:100], scores=scores[:100])
+    with pytest.raises(D.ChecksumError, match="50,000"):
+        D.load_cscores("cifar10")
+    path.write_bytes(b"not an npz")
+    with pytest.raises(D.ChecksumError, match="labels and scores"):
+        D.load_cscores("cifar10")
+    with pytest.raises(ValueError, match="cifar10 and cifar100"):
+        D.load_cscores("mnist")
