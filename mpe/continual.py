@@ -28,9 +28,11 @@ from . import fsd
 from .data import Data, permute_pixels
 from .train import predict, train
 
-__all__ = ["Task", "split_tasks", "split_cifar_tasks", "permuted_tasks", "METHODS", "regulariser", "run_continual"]
+__all__ = ["Task", "split_tasks", "split_cifar_tasks", "permuted_tasks", "benchmark", "BENCHMARKS", "METHODS",
+           "regulariser", "run_continual"]
 
 METHODS = ("finetune", "ewc", "kfac", "coreset", "laftr")
+BENCHMARKS = ("split_mnist", "permuted_mnist", "split_cifar")
 
 
 @dataclass
@@ -81,6 +83,30 @@ def permuted_tasks(data: Data, n_tasks: int) -> list[Task]:
         d = data if k == 0 else permute_pixels(data, seed=k)
         out.append(Task(d.x_train, d.y_train, d.x_test, d.y_test, None))
     return out
+
+
+def benchmark(name: str, *, dataset: str = "mnist5k", hidden=(100, 100), n_tasks: int = 3,
+              cifar_datasets=("cifar10", "cifar100")) -> tuple[str, list[Task], dict]:
+    """(label, tasks, keywords of :func:`mpe.models.get_model`) of one benchmark of :data:`BENCHMARKS`:
+
+    - ``split_mnist``: five two-class tasks of ``dataset``, an MLP with ``hidden`` ReLU layers and one 2-way head each;
+    - ``permuted_mnist``: ``n_tasks`` pixel permutations of ``dataset``, the same MLP with one shared 10-way head;
+    - ``split_cifar``: CIFAR-10, then ``n_tasks`` − 1 groups of ten CIFAR-100 classes (``cifar_datasets``: the two
+      datasets' names), CifarNet with 10 ``n_tasks`` outputs.
+    """
+    from .data import load
+
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; valid choices: {', '.join(BENCHMARKS)}")
+    if name == "split_cifar":
+        c10, c100 = (load(n) for n in cifar_datasets)
+        return (f"Split CIFAR ({n_tasks} tasks)", split_cifar_tasks(c10, c100, n_tasks),
+                dict(name="cifarnet", in_shape=c10.shape, n_classes=10 * n_tasks))
+    data = load(dataset)
+    net = dict(name="mlp", in_shape=data.shape, n_classes=10, hidden=tuple(hidden), activation="relu")
+    if name == "split_mnist":
+        return "Split MNIST", split_tasks(data), net
+    return f"Permuted MNIST ({n_tasks} tasks)", permuted_tasks(data, n_tasks), net
 
 
 def regulariser(method: str, old: torch.nn.Module, task: Task, **kw):

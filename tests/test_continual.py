@@ -94,3 +94,19 @@ def test_split_cifar_tasks_relabel_and_own_their_heads():
     R = run_continual(small, net, "laftr", lam=1.0, reg_kw=dict(n_samples=8), epochs=1, lr=1e-3, optimizer="adam",
                       batch_size=10)
     assert R.shape == (2, 2) and torch.isfinite(R[1]).all() and torch.isnan(R[0, 1])
+
+
+def test_benchmarks_name_their_tasks_and_networks():
+    from mpe.continual import benchmark
+    from mpe.models import get_model
+
+    label, tasks, net = benchmark("permuted_mnist", dataset="digits", hidden=(8,), n_tasks=2)
+    assert label == "Permuted MNIST (2 tasks)" and len(tasks) == 2 and tasks[1].outputs is None
+    assert get_model(**net)(tasks[1].x_test[:3]).shape == (3, 10)
+    label, tasks, net = benchmark("split_mnist", dataset="digits")
+    assert [t.outputs for t in tasks] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    label, tasks, net = benchmark("split_cifar", n_tasks=2, cifar_datasets=("synthetic-cifar10",) * 2)
+    assert (label, net["name"], net["n_classes"], tasks[1].outputs) == ("Split CIFAR (2 tasks)", "cifarnet", 20,
+                                                                         list(range(10, 20)))
+    with pytest.raises(ValueError, match="valid choices: split_mnist"):
+        benchmark("split_fmnist")
