@@ -409,9 +409,6 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
                 torch.tensor(np.asarray(y_te), dtype=torch.long), classes if name == "cifar100" else _CLASSES[name])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Subsets and perturbations
-# ----------------------------------------------------------------------------------------------------------
 def load_cscores(name: str, labels: torch.Tensor | None = None, *, download: bool | None = None) -> torch.Tensor:
     """Jiang et al.'s released C-scores of the ``name`` ("cifar10" or "cifar100") training images (50,000,), in the
     original CIFAR order, i.e. aligned with ``load(name).y_train``. Pass that ``labels`` tensor to check the alignment:
@@ -427,6 +424,9 @@ def load_cscores(name: str, labels: torch.Tensor | None = None, *, download: boo
     return torch.as_tensor(scores, dtype=torch.float32)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Subsets and perturbations
+# ----------------------------------------------------------------------------------------------------------
 def class_balanced_subset(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """Sorted indices of ``n`` examples with (as near as possible) equal counts per class, seeded.
 
