@@ -13,7 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 
 __all__ = ["softmax_regression", "mlp", "lenet5", "cnn_3c3d", "resnet20_frn", "small_cnn", "lpntk_cnn",
-           "mnist_example_cnn", "toneva_mnist_cnn", "resnet18", "cifarnet", "get_model", "MODELS", "n_params"]
+           "mnist_example_cnn", "toneva_mnist_cnn", "resnet18", "wide_resnet", "cifarnet", "get_model", "MODELS", "n_params"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -187,6 +187,38 @@ def resnet18(in_shape=(3, 32, 32), n_classes: int = 10, norm: str = "batch") -> 
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes))
 
 
+class _WideBlock(nn.Module):
+    """Pre-activation wide block: BN-ReLU-conv3x3-dropout-BN-ReLU-conv3x3; a 1x1 conv of the activated input as the
+    shortcut when the shape changes."""
+
+    def __init__(self, cin, cout, stride, dropout):
+        super().__init__()
+        self.pre = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.Dropout(dropout),
+                                  nn.BatchNorm2d(cout), nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False))
+        self.skip = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        a = self.pre(x)
+        return self.body(a) + (x if self.skip is None else self.skip(a))
+
+
+def wide_resnet(in_shape=(3, 32, 32), n_classes: int = 10, depth: int = 28, width: int = 10,
+                dropout: float = 0.3) -> nn.Sequential:
+    """Zagoruyko & Komodakis' WRN-depth-width for CIFAR (the Cutout code's version that Toneva et al. use, dropout
+    0.3): a 3x3 stem of 16, three groups of (depth - 4) / 6 pre-activation blocks of 16k, 32k, 64k channels, BN-ReLU,
+    global average pooling, linear. WRN-28-10 has 36.5M parameters."""
+    if (depth - 4) % 6:
+        raise ValueError(f"depth must be 6n + 4, got {depth}")
+    n, layers, cin = (depth - 4) // 6, [nn.Conv2d(in_shape[0], 16, 3, 1, 1, bias=False)], 16
+    for cout, stride in [(16 * width, 1), (32 * width, 2), (64 * width, 2)]:
+        for i in range(n):
+            layers.append(_WideBlock(cin, cout, stride if i == 0 else 1, dropout))
+            cin = cout
+    return nn.Sequential(*layers, nn.BatchNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(cin, n_classes))
+
+
 def cifarnet(in_shape=(3, 32, 32), n_classes: int = 60) -> nn.Sequential:
     """FROMP's and LAFTR's Split-CIFAR network: conv32 (same), conv32, pool, dropout 0.25, conv64 (same), conv64,
     pool, dropout 0.25, fc 512, dropout 0.5, one output per class of all tasks (60 for 6 tasks); 1,276,508
@@ -215,6 +247,7 @@ MODELS = {
     "resnet18": resnet18,
     "resnet18_nobn": lambda in_shape=(3, 32, 32), n_classes=10: resnet18(in_shape, n_classes, "none"),
     "cifarnet": cifarnet,
+    "wrn28_10": wide_resnet,
     "laftr_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (100, 100), n_classes, "relu"),
 }
 
