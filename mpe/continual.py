@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import fsd
-from .data import Data, permute_pixels
+from .data import Data, load, permute_pixels
 from .train import predict, train
 
 __all__ = ["Task", "split_tasks", "split_cifar_tasks", "permuted_tasks", "benchmark", "BENCHMARKS", "METHODS",
@@ -94,8 +94,6 @@ def benchmark(name: str, *, dataset: str = "mnist5k", hidden=(100, 100), n_tasks
     - ``split_cifar``: CIFAR-10, then ``n_tasks`` − 1 groups of ten CIFAR-100 classes (``cifar_datasets``: the two
       datasets' names), CifarNet with 10 ``n_tasks`` outputs.
     """
-    from .data import load
-
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; valid choices: {', '.join(BENCHMARKS)}")
     if name == "split_cifar":
