@@ -2,7 +2,7 @@
 
 Command line (used by the Makefile)::
 
-    python -m mpe.harness run NOTEBOOK [--profile quick|paper] [--device cpu|cuda|mps|auto] [--shrunk]
+    python -m mpe.harness run NOTEBOOK [--profile quick|paper] [--device cpu|cuda|mps|auto] [--shrunk] [-p NAME VALUE]...
     python -m mpe.harness references NOTEBOOK...      # re-execute in place (quick) = refresh nbval references
     python -m mpe.harness summary [--profile quick]   # figures/<profile>/SUMMARY.md from the claims files
     python -m mpe.harness list                        # notebooks and their ids
@@ -30,7 +30,7 @@ __all__ = ["PROFILES", "repo_root", "figures_dir", "check_choice", "check_params
            "variants", "setup_table", "Claims", "save_table", "main"]
 
 PROFILES = ("quick", "paper")
-VERDICTS = ("reproduced", "not reproduced", "not testable here")
+VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not testable here")
 
 
 def repo_root() -> Path:
@@ -99,20 +99,51 @@ def variants(nb_id: str) -> list[str]:
 
 
 def paper_params_file(fig_id: str, folder: str = "paper") -> Path:
+    """``params/<folder>/<fig_id>.yaml``: ``paper`` (the paper profile), ``shrunk`` or ``published``."""
     return repo_root() / "params" / folder / f"{fig_id}.yaml"
 
 
-def setup_table(nb_id: str, this_run: dict, notes: dict | None = None):
-    """DataFrame "setting | paper | this run | note", paper values from ``params/paper/<id>.yaml``."""
+def notebook_path(nb_id: str) -> Path:
+    """The notebook of an id: ``mpe-fig2`` -> ``notebooks/mpe/fig2_estimated_vs_true_deviation.ipynb``."""
+    paper, _, short = nb_id.partition("-")
+    found = sorted((repo_root() / "notebooks" / paper).glob(f"{short}_*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"no notebook with id {nb_id!r}; known: {', '.join(notebook_id(p) for p in notebooks())}")
+    return found[0]
+
+
+def setup_table(nb_id: str, this_run: dict | None = None, notes: dict | None = None, namespace: dict | None = None):
+    """DataFrame "setting | paper (published) | paper profile | this run | note".
+
+    - *paper (published)*: the paper's own setting, from ``params/published/<id>.yaml`` (written from
+      ``../shared/papers``; values the notes mark as reconstructed say so);
+    - *paper profile*: ``params/paper/<id>.yaml``, what ``PROFILE=paper`` runs;
+    - *this run*: every parameter of the notebook's parameters cell, with the value it has in this run (read from
+      ``namespace``, by default the calling notebook's globals), plus the derived settings in ``this_run``.
+    """
+    import inspect
+
     import pandas as pd
     import yaml
 
-    f = paper_params_file(nb_id)
-    paper = yaml.safe_load(f.read_text()) if f.exists() else {}
+    if namespace is None:
+        namespace = inspect.currentframe().f_back.f_globals
+    this_run = dict(this_run or {})
+    try:
+        declared = [k for k in _parameters(notebook_path(nb_id)) if k not in ("profile", "device", "variant")]
+    except FileNotFoundError:
+        declared = []
+    run = {k: namespace[k] for k in declared if k in namespace} | this_run
+
+    def read(folder):
+        f = paper_params_file(nb_id, folder)
+        return (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
+
+    published, profile = read("published"), read("paper")
     notes = notes or {}
-    keys = list(dict.fromkeys([*paper, *this_run]))
-    rows = [{"setting": k, "paper": paper.get(k, "–"), "this run": this_run.get(k, "–"), "note": notes.get(k, "")}
-            for k in keys]
+    keys = list(dict.fromkeys([*run, *profile, *published]))
+    rows = [{"setting": k, "paper (published)": published.get(k, "–"), "paper profile": profile.get(k, "–"),
+             "this run": run.get(k, "–"), "note": notes.get(k, "")} for k in keys]
     return pd.DataFrame(rows).set_index("setting").astype(str)
 
 
@@ -126,44 +157,67 @@ def save_table(df, name: str, profile: str = "quick") -> list[Path]:
     return [csv, md]
 
 
-class Claims:
-    """Claims of a paper that a figure supports, with our measured value, the threshold and a verdict.
+SOURCES = ("paper", "official code", "reconstructed", "companion", "sanity")
+COUNTED = {"paper claims": ("paper", "official code", "reconstructed"), "companion checks": ("companion",)}
 
-    Thresholds come from what the paper claims, never from what a run gave. ``testable=False`` (with a reason)
-    marks a claim the current profile cannot show; the measured value is still reported.
+
+class Claims:
+    """Claims that a figure supports: the claim, whose it is, our estimate with its interval, and a verdict.
+
+    ``measured`` is an :class:`mpe.stats.Estimate` (a value with a 95 % interval from seeds, a bootstrap, or an exact
+    computation); the verdict is REPRODUCED when the whole interval is on the passing side of the threshold, NOT
+    REPRODUCED when it is wholly on the failing side and INCONCLUSIVE when it straddles it. A bare number is a single
+    run without an interval: never better than INCONCLUSIVE. ``testable=False`` (with a reason) marks a claim the
+    current profile cannot show; the measured value is still reported.
+
+    ``source`` says whose claim it is: ``paper`` (quoted or paraphrased), ``official code``, ``reconstructed`` (the
+    paper's text was not available), ``companion`` (our own extra check) or ``sanity`` (true by construction: shown,
+    never counted). Thresholds come from the paper's words, never from what a run gave. Every verdict other than
+    REPRODUCED carries a ``why``.
     """
 
     def __init__(self, nb_id: str, profile: str):
         check_choice("profile", profile, PROFILES)
         self.nb_id, self.profile, self.rows = nb_id, profile, []
 
-    def add(self, claim: str, measured: float, op: str, threshold, *, testable: bool = True, why: str = "",
-            digits: int = 2) -> bool:
-        ops = {">=": lambda m, t: m >= t, "<=": lambda m, t: m <= t, "between": lambda m, t: t[0] <= m <= t[1]}
-        check_choice("comparison", op, ops)
-        ok = bool(ops[op](measured, threshold)) if math.isfinite(measured) else False
-        verdict = VERDICTS[0] if ok else VERDICTS[1]
-        if not testable:
-            verdict = VERDICTS[2]
-        self.rows.append(dict(claim=claim, measured=round(float(measured), digits), op=op,
-                              threshold=threshold, verdict=verdict, why=why))
-        return ok
+    def add(self, claim: str, measured, op: str, threshold, *, source: str, testable: bool = True, why: str = "",
+            digits: int | None = None) -> str:
+        """Record one claim; returns its verdict."""
+        from .stats import Estimate
+
+        check_choice("comparison", op, (">=", "<=", "between"))
+        check_choice("source", source, SOURCES)
+        if not isinstance(measured, Estimate):
+            v = float(measured)
+            measured = Estimate(v, -math.inf, math.inf, "a single run, no interval")
+        verdict = measured.verdict(op, threshold) if testable else "not testable here"
+        if not why and verdict == "inconclusive":
+            why = ("a single run has no interval" if math.isinf(measured.hi - measured.lo)
+                   else "the interval straddles the threshold: within noise at this scale")
+        if not why and verdict in ("not reproduced", "not testable here"):
+            raise ValueError(f"claim {claim!r} is {verdict.upper()} with no why: say what stands in the way")
+        self.rows.append(dict(claim=claim, source=source, measured=measured.value, lo=measured.lo, hi=measured.hi,
+                              text=measured.text(digits), method=measured.method, op=op, threshold=threshold,
+                              verdict=verdict, why=why if verdict != "reproduced" else ""))
+        return verdict
 
     def report(self) -> None:
-        """Print the claims (rounded, for nbval) and write ``figures/<profile>/<id>.json`` (kept in ``self.path``).
+        """Print the claims and write ``figures/<profile>/<id>.json`` (kept in ``self.path``).
 
-        Returns nothing, so that the claims cell shows only the printed text (nbval compares it).
+        Returns nothing, so that the claims cell shows only the printed text, which nbval compares with the stored
+        output after masking the measured values (``tests/nbval_sanitize.cfg``): the claim, its source, the
+        threshold and the verdict are what must hold on any CPU.
         """
         for r in self.rows:
             thr = f"[{r['threshold'][0]}, {r['threshold'][1]}]" if r["op"] == "between" else r["threshold"]
-            print(f"- {r['claim']}\n    measured {r['measured']} (needs {r['op']} {thr}) -> {r['verdict'].upper()}"
-                  + (f"\n    why: {r['why']}" if r["why"] else ""))
+            print(f"- [{r['source']}] {r['claim']}\n    measured {r['text']} ({r['method']}) <- needs {r['op']} {thr}"
+                  f"\n    -> {r['verdict'].upper()}" + (f": {r['why']}" if r["why"] else ""))
         out = figures_dir(self.profile)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.nb_id}.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({"id": self.nb_id, "profile": self.profile, "claims": self.rows,
-                                    "runtime_s": old.get("runtime_s")}, indent=1) + "\n")
+                                    "runtime_s": old.get("runtime_s")}, indent=1, default=float) + "\n")
         self.path = path
 
 
@@ -177,18 +231,36 @@ def notebooks() -> list[Path]:
 
 
 def _parameters(nb: Path) -> dict:
-    import papermill as pm
+    """``{name: default}`` of the notebook's cell tagged ``parameters`` (literal defaults evaluated, others as source)."""
+    import ast
 
-    return pm.inspect_notebook(str(nb))
+    import nbformat
+
+    cells = [c for c in nbformat.read(nb, as_version=4).cells
+             if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        raise ValueError(f"{nb}: no cell tagged 'parameters'")
+    out = {}
+    for node in ast.parse(cells[0].source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name) and node.value is not None:
+                try:
+                    out[t.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    out[t.id] = ast.unparse(node.value)
+    return out
 
 
 def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Path | None = None,
-        shrunk: bool = False, variant: str = "") -> Path:
+        shrunk: bool = False, variant: str = "", overrides: dict | None = None) -> Path:
     """Execute one notebook with papermill for ``profile`` into ``build/<profile>/...``; record its run time.
 
     ``shrunk=True`` (paper profile only) overrides the paper parameters with ``params/shrunk/<id>.yaml``: the same
     models, optimisers and code path on tiny data for one epoch, so that ``make test`` exercises the paper profile.
     ``variant`` (paper profile only) runs the setting ``params/paper/<id>-<variant>.yaml`` instead of the main one.
+    ``overrides`` (``-p name value`` on the command line) are applied last. Every name is checked against the
+    notebook's parameters cell and every value against its registry (:func:`check_params`) before any work starts.
     """
     import papermill as pm
     import yaml
@@ -221,10 +293,12 @@ def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Pat
         if not f.exists():
             raise FileNotFoundError(f"{fig_id}: no shrunk parameters ({f})")
         params.update(yaml.safe_load(f.read_text()) or {})
+    params.update(overrides or {})
     unknown = sorted(set(params) - set(declared))
     if unknown:
         raise ValueError(f"{nb_id}: unknown parameter(s) {', '.join(unknown)}; the notebook declares: "
                          f"{', '.join(declared)}")
+    check_params(**params)
     rel = nb.relative_to(root / "notebooks")
     output = output or root / "build" / (profile + "-shrunk" * shrunk) / rel.with_stem(rel.stem + f"-{variant}" * bool(variant))
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +330,28 @@ def clean_notebook(path: Path) -> None:
         if "tags" in cell.metadata and "injected-parameters" in cell.metadata["tags"]:
             cell.metadata["tags"].remove("injected-parameters")
     nb.cells = [c for c in nb.cells if not c.source.startswith("# Parameters\n")]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in map(_without_progress, cell.outputs) if o is not None]
     nbformat.write(nb, path)
+
+
+_PROGRESS = r"\d+%\|.*\|\s*\d+/\d+|\d+it \[|IProgress not found|ipywidgets\.readthedocs"
+
+
+def _without_progress(output):
+    """A stored output less the traces of progress bars: tqdm's text fragments on stderr (``12%|█▏ | 3/25 [...]``,
+    separated by carriage returns) are cut out, and an output left empty, or a progress widget (shown live in
+    JupyterLab, meaningless once stored), is dropped (None). Anything else written to stderr stays."""
+    import re
+
+    if output.get("output_type") == "stream" and output.get("name") == "stderr":
+        lines = [ln for ln in re.split(r"[\r\n]", output.get("text", "")) if ln.strip() and not re.search(_PROGRESS, ln)]
+        if not lines:
+            return None
+        output["text"] = "\n".join(lines) + "\n"
+        return output
+    return None if "application/vnd.jupyter.widget-view+json" in output.get("data", {}) else output
 
 
 def references(nbs) -> None:
@@ -274,26 +369,57 @@ def references(nbs) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def claim_counts(rows) -> dict:
+    """``{group: {verdict: count}}`` for the groups of :data:`COUNTED` (sanity checks are not counted)."""
+    return {g: {v: sum(r.get("source") in srcs and r["verdict"] == v for r in rows) for v in VERDICTS}
+            for g, srcs in COUNTED.items()}
+
+
+def headline(counts: dict) -> str:
+    """One line: the paper claims' verdicts, then the companion checks'."""
+    return "; ".join(f"{g}: " + ", ".join(f"{n} {v}" for v, n in c.items()) for g, c in counts.items())
+
+
 def summary(profile: str = "quick") -> Path:
-    """``figures/<profile>/SUMMARY.md``: one row per notebook with its run time and claim verdicts."""
+    """``figures/<profile>/SUMMARY.md``: one row per notebook with its run time and the verdicts of its paper claims
+    (paper, official code, reconstructed) and companion checks; sanity checks are listed in the notebooks only.
+
+    On the quick profile the README's headline (between the ``claims-headline`` markers) is rewritten from the same
+    counts."""
     out = figures_dir(profile)
+    short = {"reproduced": "R", "not reproduced": "NR", "inconclusive": "I", "not testable here": "NT"}
     lines = [f"# Summary ({profile} profile)", "",
              "Run times are those of the last run of each notebook (one CPU thread for the quick profile); cached",
-             "retraining jobs under build/cache make reruns faster. The claims and their reasons are in each notebook's",
-             "claims check and in the `<id>.json` files beside this one.", "",
-             "| figure | notebook | run time (s) | reproduced | not reproduced | not testable here |",
-             "|---|---|---|---|---|---|"]
+             "retraining jobs under build/cache make reruns faster. The claims, their 95 % intervals, their sources and",
+             "the reasons for every verdict other than REPRODUCED are in each notebook's claims check and in the",
+             "`<id>.json` files beside this one. Paper claims are the papers' own (quoted, paraphrased or reconstructed,",
+             "or taken from the official code); companion checks are our extra checks; sanity checks (true by",
+             "construction) are not counted. R = reproduced, NR = not reproduced, I = inconclusive (the interval straddles",
+             "the threshold), NT = not testable here.", "",
+             "| figure | notebook | run time (s) | paper claims R / NR / I / NT | companion checks R / NR / I / NT |",
+             "|---|---|---|---|---|"]
     by_id = {figure_id(notebook_id(p), v): p for p in notebooks() for v in ["", *variants(notebook_id(p))]}
+    rows = []
     for f in sorted(out.glob("*.json")):
         data = json.loads(f.read_text())
         if "claims" not in data:
             continue
-        counts = [sum(c["verdict"] == v for c in data["claims"]) for v in VERDICTS]
-        nb = by_id.get(data["id"], "")
-        lines.append(f"| {data['id']} | {nb} | {data.get('runtime_s')} | " + " | ".join(map(str, counts)) + " |")
+        rows += data["claims"]
+        c = claim_counts(data["claims"])
+        cells = [" / ".join(str(n) for n in g.values()) for g in c.values()]
+        lines.append(f"| {data['id']} | {by_id.get(data['id'], '')} | {data.get('runtime_s')} | " + " | ".join(cells) + " |")
+    total = headline(claim_counts(rows))
+    lines[1:1] = ["", f"**All notebooks** — {total}."]
     path = out / "SUMMARY.md"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+    readme = repo_root() / "README.md"
+    if profile == "quick" and readme.exists() and "MPE_FIGURES_DIR" not in os.environ:
+        text = readme.read_text()
+        a, b = "<!-- claims-headline -->", "<!-- /claims-headline -->"
+        if a in text and b in text:
+            text = text[:text.index(a) + len(a)] + f"\nQuick profile — {total}.\n" + text[text.index(b):]
+            readme.write_text(text)
     return path
 
 
@@ -305,6 +431,9 @@ def main(argv=None) -> int:
     r.add_argument("--profile", default="quick")
     r.add_argument("--device", default="cpu")
     r.add_argument("--shrunk", action="store_true", help="paper profile on tiny data (params/shrunk/<id>.yaml)")
+    r.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="override one parameter of the notebook's parameters cell (VALUE is read as YAML: 500, 0.1, "
+                        "[1, 2], mnist)")
     r.add_argument("--variant", default=None,
                    help="paper profile only: run this variant; '' the main setting; default: the main one, then every "
                         "variant")
@@ -319,8 +448,11 @@ def main(argv=None) -> int:
             todo = [a.variant] if a.variant is not None else [""]
             if a.variant is None and a.profile == "paper":
                 todo += variants(notebook_id(a.notebook))
+            import yaml
+
+            overrides = {name: yaml.safe_load(value) for name, value in a.parameter}
             for v in todo:
-                run(a.notebook, a.profile, a.device, shrunk=a.shrunk, variant=v)
+                run(a.notebook, a.profile, a.device, shrunk=a.shrunk, variant=v, overrides=overrides)
         elif a.cmd == "references":
             references(a.notebooks)
         elif a.cmd == "summary":

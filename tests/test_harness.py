@@ -3,7 +3,9 @@ import json
 import matplotlib.pyplot as plt
 import pytest
 
-from mpe import get_device, harness
+from pathlib import Path
+
+from mpe import get_device, harness, stats
 from mpe.plots import savefig
 
 
@@ -28,20 +30,104 @@ def test_parameter_validation_names_valid_choices():
         get_device("tpu")
 
 
-def test_claims_verdicts_and_json(tmp_path, monkeypatch, capsys):
+def test_claims_verdicts_follow_the_interval_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MPE_FIGURES_DIR", str(tmp_path))
     c = harness.Claims("mpe-test", "quick")
-    assert c.add("rank kept", 0.91, ">=", 0.7)
-    assert not c.add("ratio near 1", 0.2, "between", [0.5, 2.0])
-    c.add("only at scale", 0.2, "between", [0.5, 2.0], testable=False, why="too small")
+    assert c.add("rank kept", stats.Estimate(0.91, 0.8, 0.95, "seeds"), ">=", 0.7, source="paper") == "reproduced"
+    assert c.add("ratio near 1", stats.Estimate(0.2, 0.1, 0.3, "seeds"), "between", [0.5, 2.0], source="paper",
+                 why="scale") == "not reproduced"
+    assert c.add("knife edge", stats.Estimate(0.85, 0.80, 0.90, "seeds"), ">=", 0.85,
+                 source="reconstructed") == "inconclusive"
+    assert c.add("a single run", 0.99, ">=", 0.5, source="companion") == "inconclusive"  # no interval: never a pass
+    c.add("only at scale", 0.2, "between", [0.5, 2.0], source="paper", testable=False, why="too small")
+    c.add("true by construction", stats.exact(0), "<=", 0, source="sanity")
+    with pytest.raises(ValueError, match="no why"):
+        c.add("unexplained failure", stats.exact(0.1), ">=", 0.5, source="paper")
+    with pytest.raises(ValueError, match="valid choices: paper"):
+        c.add("whose?", stats.exact(1), ">=", 0.5, source="folklore")
     assert c.report() is None
-    path = c.path
-    rows = json.loads(path.read_text())["claims"]
-    assert [r["verdict"] for r in rows] == ["reproduced", "not reproduced", "not testable here"]
-    assert "NOT TESTABLE HERE" in capsys.readouterr().out
-    (tmp_path / "quick" / "mpe-test.json").write_text(json.dumps(dict(json.loads(path.read_text()), runtime_s=3.5)))
+    rows = json.loads(c.path.read_text())["claims"]
+    assert [r["verdict"] for r in rows] == ["reproduced", "not reproduced", "inconclusive", "inconclusive",
+                                            "not testable here", "reproduced"]
+    assert all(r["why"] for r in rows if r["verdict"] != "reproduced")
+    out = capsys.readouterr().out
+    assert "- [reconstructed] knife edge\n    measured 0.85 [0.80, 0.90] (seeds) <- needs >= 0.85" in out
+    assert "-> INCONCLUSIVE: the interval straddles the threshold" in out
+    (tmp_path / "quick" / "mpe-test.json").write_text(json.dumps(dict(json.loads(c.path.read_text()), runtime_s=3.5)))
     text = harness.summary("quick").read_text()
-    assert "| mpe-test |  | 3.5 | 1 | 1 | 1 |" in text
+    # paper claims (paper + reconstructed): 1 R, 1 NR, 1 I, 1 NT; companion: 1 I; the sanity row is not counted
+    assert "| mpe-test |  | 3.5 | 1 / 1 / 1 / 1 | 0 / 0 / 1 / 0 |" in text
+    assert "paper claims: 1 reproduced, 1 not reproduced, 1 inconclusive, 1 not testable here" in text
+
+
+def test_printed_claims_are_stable_after_sanitising():
+    """nbval masks the measured values: two kernel paths that move a value inside its interval print the same."""
+    import configparser
+    import re
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).with_name("nbval_sanitize.cfg"))
+    subs = [(cfg[s]["regex"], cfg[s]["replace"]) for s in cfg.sections()]
+
+    def printed(est):
+        c = harness.Claims("mpe-test", "quick")
+        c.add("accuracy rises", est, ">=", 0.5, source="paper")
+        r = c.rows[0]
+        text = f"measured {r['text']} ({r['method']}) <- needs >= 0.5 -> {r['verdict']}"
+        for regex, rep in subs:
+            text = re.sub(regex, rep, text)
+        return text
+
+    a, b = printed(stats.Estimate(0.91, 0.85, 0.97, "5 seeds")), printed(stats.Estimate(0.97, 0.9, 0.99, "5 seeds"))
+    assert a == b and "0.9" not in a
+    assert printed(stats.Estimate(0.4, 0.3, 0.6, "5 seeds")) != a  # the verdict is still compared
+
+
+def test_setup_table_lists_every_parameter_with_three_sources(tmp_path, monkeypatch):
+    import nbformat
+
+    (tmp_path / "Makefile").touch()
+    for folder, text in (("paper", "n_train: 60000\nlr: 0.1\n"), ("published", "n_train: 60000\n")):
+        (tmp_path / "params" / folder).mkdir(parents=True)
+        (tmp_path / "params" / folder / "mpe-figx.yaml").write_text(text)
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("profile = 'quick'\nn_train = 500\nlr = 0.05\nseeds = [0, 1]")
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell]
+    (tmp_path / "notebooks" / "mpe").mkdir(parents=True)
+    nbformat.write(nb, tmp_path / "notebooks" / "mpe" / "figx_demo.ipynb")
+    monkeypatch.setattr(harness, "repo_root", lambda: tmp_path)
+    n_train, lr, seeds = 500, 0.05, [0, 1]  # noqa: F841 (read from this frame, like a notebook's globals)
+    df = harness.setup_table("mpe-figx", {"model": "mlp"}, namespace=locals())
+    assert list(df.columns) == ["paper (published)", "paper profile", "this run", "note"]
+    assert df.loc["n_train"].tolist()[:3] == ["60000", "60000", "500"]
+    assert df.loc["seeds", "this run"] == "[0, 1]" and df.loc["model", "this run"] == "mlp"
+    assert df.loc["lr", "paper (published)"] == "–" and "profile" not in df.index
+
+
+def test_run_validates_command_line_parameters_before_work(capsys):
+    nb = "notebooks/mpe/theorems_exact_cases.ipynb"
+    assert harness.main(["run", nb, "-p", "n_trian", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown parameter(s) n_trian" in err and "the notebook declares" in err
+    assert harness.main(["run", nb, "-p", "device", "tpu"]) == 2
+    assert "valid choices: cpu" in capsys.readouterr().err
+
+
+def test_clean_notebook_drops_progress_bars_and_keeps_warnings(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    bar = "\r  0%|          | 0/3 [00:00<?, ?it/s]\r 33%|███▎      | 1/3 [00:01<00:02, 1.00s/it]"
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=bar),
+                    nbformat.v4.new_output("stream", name="stderr", text=bar + "\nUserWarning: a real one\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="kept\n")]
+    nb.cells = [cell]
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    harness.clean_notebook(tmp_path / "a.ipynb")
+    outs = nbformat.read(tmp_path / "a.ipynb", as_version=4).cells[0].outputs
+    assert [o["text"] for o in outs] == ["UserWarning: a real one\n", "kept\n"]
 
 
 def test_notebook_id():

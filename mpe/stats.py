@@ -1,0 +1,124 @@
+"""Estimates with intervals: what a claims check compares with a threshold.
+
+A claim's measured value is an :class:`Estimate` — a value, a 95 % interval and the method that gave it:
+
+- :func:`over_seeds`: the mean of independent reruns with a Student-t interval (a notebook's cheap runs);
+- :func:`bootstrap`: a statistic of examples (or runs) with a percentile interval from resampling them, paired
+  across arrays (the same resampled indices for every array), where reruns are too dear;
+- :func:`exact`: a deterministic computation (closed forms, parameter counts); the interval is the value itself.
+
+The interval decides the verdict (:meth:`Estimate.verdict`): entirely on the passing side of the threshold is
+REPRODUCED, entirely on the failing side NOT REPRODUCED, straddling it INCONCLUSIVE.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Estimate", "over_seeds", "bootstrap", "exact", "decimals"]
+
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """``value`` with the interval ``[lo, hi]`` (95 %) and the ``method`` that gave it (printed with the claim)."""
+
+    value: float
+    lo: float
+    hi: float
+    method: str
+
+    def __post_init__(self):
+        if not self.lo <= self.value <= self.hi and not any(map(math.isnan, (self.lo, self.value, self.hi))):
+            raise ValueError(f"interval [{self.lo}, {self.hi}] does not hold the value {self.value}")
+
+    def map(self, fn, method: str | None = None) -> "Estimate":
+        """The estimate of a monotone function of this one (the interval's ends map to the new ends)."""
+        a, b = fn(self.lo), fn(self.hi)
+        return Estimate(float(fn(self.value)), float(min(a, b)), float(max(a, b)), method or self.method)
+
+    def verdict(self, op: str, threshold) -> str:
+        """``reproduced`` | ``not reproduced`` | ``inconclusive`` for ``value op threshold``."""
+        if math.isnan(self.value) or math.isnan(self.lo) or math.isnan(self.hi):
+            return "not reproduced"
+        if op == ">=":
+            passing, failing = self.lo >= threshold, self.hi < threshold
+        elif op == "<=":
+            passing, failing = self.hi <= threshold, self.lo > threshold
+        elif op == "between":
+            a, b = threshold
+            passing, failing = a <= self.lo and self.hi <= b, self.hi < a or self.lo > b
+        else:
+            raise ValueError(f"unknown comparison {op!r}; valid choices: >=, <=, between")
+        return "reproduced" if passing else "not reproduced" if failing else "inconclusive"
+
+    def text(self, digits: int | None = None) -> str:
+        """``0.91 [0.85, 0.97]``: rounded to the precision the interval supports (one significant digit of its
+        half-width); an exact value with ``digits`` decimals (else 4 significant digits)."""
+        if math.isnan(self.value):
+            return "nan"
+        if not (math.isfinite(self.lo) and math.isfinite(self.hi)):
+            return f"{self.value:.3g} [unbounded]"
+        if self.hi == self.lo:
+            return f"{self.value:.{digits}f}" if digits is not None else f"{self.value:.4g}"
+        d = decimals(self.lo, self.hi)
+        return f"{self.value:.{d}f} [{self.lo:.{d}f}, {self.hi:.{d}f}]"
+
+
+def decimals(lo: float, hi: float) -> int:
+    """Decimals that show one significant digit of the half-width ``(hi - lo) / 2`` (at least 0, at most 8)."""
+    hw = (hi - lo) / 2
+    if not (hw > 0 and math.isfinite(hw)):
+        return 4
+    return int(min(8, max(0, -math.floor(math.log10(hw)))))
+
+
+def over_seeds(values, what: str = "seeds") -> Estimate:
+    """Mean of ``values`` (K,) from K independent reruns, with the Student-t 95 % interval of the mean.
+
+    Needs K >= 2; with identical values the interval is the value itself.
+    """
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=float).ravel()
+    if v.size < 2:
+        raise ValueError(f"an interval over {what} needs at least 2 values, got {v.size}")
+    mean, se = v.mean(), v.std(ddof=1) / math.sqrt(v.size)
+    h = float(t.ppf(0.5 + LEVEL / 2, v.size - 1) * se)
+    return Estimate(float(mean), float(mean - h), float(mean + h), f"mean of {v.size} {what}, t-interval")
+
+
+def bootstrap(statistic, *arrays, n_boot: int = 1000, seed: int = 0, what: str = "examples") -> Estimate:
+    """``statistic(*arrays)`` with a percentile 95 % interval from ``n_boot`` resamples of the rows.
+
+    Every array's first axis indexes the same N units (examples, or runs); the units are resampled with
+    replacement, the same indices for every array (a paired bootstrap). Resamples on which the statistic is not
+    finite (a constant resample under a rank correlation) are dropped; if more than 10 % are, the interval is
+    reported as unbounded.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError(f"arrays must share their first axis, got lengths {[len(a) for a in arrays]}")
+    value = float(statistic(*arrays))
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():  # a constant resample makes a rank correlation undefined: counted below
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy's ConstantInputWarning is a RuntimeWarning
+        stats = np.array([statistic(*(a[idx] for a in arrays)) for idx in rng.integers(0, n, size=(n_boot, n))],
+                         dtype=float)
+    ok = stats[np.isfinite(stats)]
+    method = f"bootstrap over {n} {what}, {n_boot} resamples"
+    if ok.size < 0.9 * n_boot or not math.isfinite(value):
+        return Estimate(value, -math.inf, math.inf, method + " (statistic undefined on many resamples)")
+    lo, hi = np.quantile(ok, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return Estimate(value, float(min(lo, value)), float(max(hi, value)), method)
+
+
+def exact(value, why: str = "deterministic computation") -> Estimate:
+    """A value with no sampling noise (closed forms, counts); its interval is the value itself."""
+    v = float(value)
+    return Estimate(v, v, v, why)

@@ -1,0 +1,58 @@
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from mpe import stats
+
+
+def test_seed_interval_is_the_student_t_interval():
+    est = stats.over_seeds([1.0, 2.0, 3.0])
+    # mean 2, sd 1, se 1/sqrt(3); t_{0.975, 2} = 4.302652729911275
+    h = 4.302652729911275 / math.sqrt(3)
+    assert est.value == 2.0 and est.lo == pytest.approx(2 - h) and est.hi == pytest.approx(2 + h)
+    assert stats.over_seeds([0.5, 0.5]).lo == 0.5  # identical reruns: no spread
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.over_seeds([1.0])
+
+
+def test_bootstrap_of_a_mean_matches_the_normal_interval():
+    x = np.random.default_rng(0).normal(size=400)
+    est = stats.bootstrap(np.mean, x, n_boot=2000)
+    se = x.std(ddof=1) / math.sqrt(len(x))
+    assert est.value == pytest.approx(x.mean())
+    assert est.lo == pytest.approx(x.mean() - 1.96 * se, abs=0.3 * se)
+    assert est.hi == pytest.approx(x.mean() + 1.96 * se, abs=0.3 * se)
+    assert stats.bootstrap(np.mean, x, n_boot=200).text() == stats.bootstrap(np.mean, x, n_boot=200).text()
+
+
+def test_bootstrap_is_paired_and_survives_constant_resamples():
+    x = np.arange(50.0)
+    est = stats.bootstrap(lambda a, b: spearmanr(a, b)[0], x, 2 * x)
+    assert est.lo == pytest.approx(1.0) and est.hi == pytest.approx(1.0)  # pairs kept together: every resample is perfectly concordant
+    tiny = stats.bootstrap(lambda a, b: spearmanr(a, b)[0], np.array([0.0, 1.0]), np.array([1.0, 0.0]))
+    assert math.isinf(tiny.hi - tiny.lo)  # undefined on half the resamples: unbounded, never a verdict
+    with pytest.raises(ValueError, match="share their first axis"):
+        stats.bootstrap(np.mean, x, x[:3])
+
+
+@pytest.mark.parametrize("lo, hi, op, thr, verdict", [
+    (0.9, 0.95, ">=", 0.85, "reproduced"), (0.8, 0.9, ">=", 0.85, "inconclusive"), (0.7, 0.8, ">=", 0.85, "not reproduced"),
+    (0.1, 0.2, "<=", 0.25, "reproduced"), (0.2, 0.3, "<=", 0.25, "inconclusive"), (0.3, 0.4, "<=", 0.25, "not reproduced"),
+    (0.6, 1.5, "between", [0.5, 2], "reproduced"), (0.4, 0.6, "between", [0.5, 2], "inconclusive"),
+    (2.1, 3.0, "between", [0.5, 2], "not reproduced"), (-math.inf, math.inf, ">=", 0, "inconclusive"),
+])
+def test_verdict_from_the_interval(lo, hi, op, thr, verdict):
+    assert stats.Estimate((lo + hi) / 2 if math.isfinite(lo) else 0.0, lo, hi, "m").verdict(op, thr) == verdict
+
+
+def test_precision_follows_the_interval():
+    assert stats.Estimate(0.9134, 0.85, 0.97, "m").text() == "0.91 [0.85, 0.97]"
+    assert stats.Estimate(12.3, 2.0, 30.0, "m").text() == "12 [2, 30]"
+    assert stats.exact(1.23456789e-12).text(12) == "0.000000000001"
+    assert stats.Estimate(0.5, -math.inf, math.inf, "single run").text() == "0.5 [unbounded]"
+    assert stats.exact(2.0).map(lambda v: -v).value == -2.0
+    assert stats.Estimate(1.0, 0.5, 2.0, "m").map(lambda v: 1 / v) == stats.Estimate(1.0, 0.5, 2.0, "m")
+    with pytest.raises(ValueError, match="does not hold"):
+        stats.Estimate(3.0, 0.0, 1.0, "m")
