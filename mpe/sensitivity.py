@@ -16,6 +16,7 @@ Three forms of the estimate (``form=``):
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -179,8 +180,9 @@ class LOOTracker:
     - ``"adam"``: Adam's preconditioner, S = diag(N √v + δ) (Fig. 10);
     - ``"diag"`` / ``"kfac"``: a Laplace GGN (diagonal / K-FAC) + δI fitted on the training data at that epoch.
 
-    After training, ``self.test`` is a list of (epoch, test NLL, test error) and ``self.loo`` a list of
-    (epoch, {form: LOO}).
+    After training, ``self.test`` is a list of (epoch, test NLL, test error), ``self.loo`` a list of
+    (epoch, {form: LOO}) and ``self.per_example`` maps each LOO epoch to the per-example values behind them:
+    ``{form: (N,) LOO NLL}, (M,) test NLL`` (for intervals: :func:`loo_gaps`).
     """
 
     SOURCES = ("ivon", "adam", "diag", "kfac")
@@ -190,7 +192,7 @@ class LOOTracker:
             raise ValueError(f"unknown variance source {source!r}; valid choices: {', '.join(self.SOURCES)}")
         self.x, self.y, self.x_test, self.y_test = x, y, x_test, y_test
         self.at_epochs, self.source, self.delta, self.forms = set(at_epochs), source, delta, tuple(forms)
-        self.test, self.loo = [], []
+        self.test, self.loo, self.per_example = [], [], {}
 
     def posterior(self, state):
         return training_posterior(self.source, state, self.x, self.delta)
@@ -202,13 +204,40 @@ class LOOTracker:
             V = C.predictive_covariance(state.model, self.x, self.posterior(state))
             logits = predict(state.model, self.x)
             y = self.y.to(logits.device)
-            self.loo.append((state.epoch, {f: float(loo_nll(logits, y, V, f)) for f in self.forms}))
+            nll = {f: loo_nll(logits, y, V, f, reduce=False).detach().cpu() for f in self.forms}
+            self.loo.append((state.epoch, {f: float(v.mean()) for f, v in nll.items()}))
+            test_logits = predict(state.model, self.x_test)
+            test_nll = F.cross_entropy(test_logits, self.y_test.to(test_logits.device), reduction="none").cpu()
+            self.per_example[state.epoch] = (nll, test_nll)
 
     def rows(self, **extra) -> list[dict]:
         """One dict per LOO checkpoint: ``epoch``, ``loo_<form>``, ``test_nll``, ``test_err`` and ``extra``."""
         test = {e: (nll, err) for e, nll, err in self.test}
         return [dict(extra, epoch=e, **{f"loo_{f}": v for f, v in loo.items()}, test_nll=test[e][0], test_err=test[e][1])
                 for e, loo in self.loo]
+
+
+def loo_gaps(trackers: dict, epoch: int | None = None, form: str = "diag", n_boot: int = 1000, seed: int = 0) -> dict:
+    r"""Relative gap |LOO − test NLL| / test NLL at ``epoch`` (default: each tracker's last LOO epoch) with bootstrap
+    draws, for trackers that share their training and test examples (Figs. 1(b), 5, 8–10).
+
+    One bootstrap resamples the N training examples (behind the LOO mean) and the M test examples (behind the test
+    NLL) independently, with the same indices for every tracker, so that differences and ratios of gaps are paired.
+    Returns ``{name: (gap, (n_boot,) draws)}``; :func:`mpe.stats.from_draws` turns one into an estimate.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    first = next(iter(trackers.values()))
+    n, m = len(first.x), len(first.x_test)
+    idx_train, idx_test = rng.integers(0, n, (n_boot, n)), rng.integers(0, m, (n_boot, m))
+    for name, tr in trackers.items():
+        loo, test = tr.per_example[epoch if epoch is not None else max(tr.per_example)]
+        loo = loo[form].double().numpy()
+        test = test.double().numpy()
+        value = abs(loo.mean() - test.mean()) / test.mean()
+        a, b = loo[idx_train].mean(1), test[idx_test].mean(1)
+        out[name] = (float(value), np.abs(a - b) / b)
+    return out
 
 
 def loo_during_training(make_model, data, methods: dict, *, at_epochs, epochs: int, batch_size: int, delta: float,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Estimate", "over_seeds", "bootstrap", "exact", "decimals"]
+__all__ = ["Estimate", "over_seeds", "bootstrap", "from_draws", "exact", "decimals", "spearman", "pearson"]
 
 LEVEL = 0.95
 
@@ -110,15 +110,36 @@ def bootstrap(statistic, *arrays, n_boot: int = 1000, seed: int = 0, what: str =
         warnings.simplefilter("ignore", RuntimeWarning)  # scipy's ConstantInputWarning is a RuntimeWarning
         stats = np.array([statistic(*(a[idx] for a in arrays)) for idx in rng.integers(0, n, size=(n_boot, n))],
                          dtype=float)
-    ok = stats[np.isfinite(stats)]
-    method = f"bootstrap over {n} {what}, {n_boot} resamples"
-    if ok.size < 0.9 * n_boot or not math.isfinite(value):
-        return Estimate(value, -math.inf, math.inf, method + " (statistic undefined on many resamples)")
+    return from_draws(value, stats, f"bootstrap over {n} {what}, {n_boot} resamples")
+
+
+def from_draws(value, draws, method: str) -> Estimate:
+    """``value`` with the percentile 95 % interval of its bootstrap ``draws`` (K,) (non-finite draws dropped; if more
+    than 10 % are, the interval is unbounded)."""
+    draws = np.asarray(draws, dtype=float)
+    ok = draws[np.isfinite(draws)]
+    if ok.size < 0.9 * draws.size or not math.isfinite(value):
+        return Estimate(float(value), -math.inf, math.inf, method + " (undefined on many resamples)")
     lo, hi = np.quantile(ok, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return Estimate(value, float(min(lo, value)), float(max(hi, value)), method)
+    return Estimate(float(value), float(min(lo, value)), float(max(hi, value)), method)
 
 
 def exact(value, why: str = "deterministic computation") -> Estimate:
     """A value with no sampling noise (closed forms, counts); its interval is the value itself."""
     v = float(value)
     return Estimate(v, v, v, why)
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two (N,) arrays (a plain float, for :func:`bootstrap`)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(a), np.asarray(b))[0])
+
+
+def pearson(a, b) -> float:
+    """Pearson's correlation of two (N,) arrays (a plain float, for :func:`bootstrap`)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])

@@ -1,4 +1,5 @@
 """MPE estimators: identities, and estimate vs brute-force leave-one-out on a convex model."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -170,3 +171,26 @@ def test_sensitivity_tracker_uses_the_ivon_posterior_at_the_chosen_steps():
     torch.testing.assert_close(values[-1], sensitivity(torch.softmax(logits, 1), V, residuals(logits, y), "diag"))
     with pytest.raises(ValueError, match="valid choices: ivon, diag, kfac"):
         SensitivityTracker(x, y, [1], source="adam")
+
+
+def test_loo_gaps_bootstrap_is_paired_across_trackers():
+    from types import SimpleNamespace
+
+    from mpe.sensitivity import loo_gaps
+
+    rng = torch.Generator().manual_seed(0)
+    loo, test = torch.rand(40, generator=rng) + 0.5, torch.rand(30, generator=rng) + 0.5
+
+    def tracker(scale):
+        return SimpleNamespace(x=torch.zeros(40), x_test=torch.zeros(30), per_example={3: ({"diag": scale * loo}, test)})
+
+    g = loo_gaps({"a": tracker(1.0), "b": tracker(2.0)}, n_boot=200)
+    va, da = g["a"]
+    assert va == pytest.approx(abs(loo.double().mean() - test.double().mean()).item() / test.double().mean().item())
+    # the same resampled test examples for both: (2 loo - test) - (loo - test) = loo, exactly, in every draw
+    # draws: the same resampled indices, training and test examples drawn independently (seed 0)
+    r = np.random.default_rng(0)
+    it, jt = r.integers(0, 40, (200, 40)), r.integers(0, 30, (200, 30))
+    a, b = loo.double().numpy()[it].mean(1), test.double().numpy()[jt].mean(1)
+    assert np.allclose(da, np.abs(a - b) / b)
+    assert np.allclose(g["b"][1], np.abs(2 * a - b) / b)
