@@ -136,7 +136,8 @@ def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500,
     """Fig. 4/7: for each prior precision δ, fit θ_*(δ) from the same initialisation, then the LOO-CV estimate.
 
     ``make_model()`` must return the same initialisation every call. Each δ is a cached job. Returns one dict per δ:
-    ``delta``, ``loo`` {form: mean LOO NLL}, ``test_nll``, ``test_err``, ``train_nll``, ``train_err``.
+    ``delta``, ``loo`` {form: mean LOO NLL}, ``test_nll``, ``test_err``, ``train_nll``, ``train_err``, and the
+    per-example values behind the means (for intervals): ``loo_per_example`` {form: (N,)}, ``test_per_example`` (M,).
     """
 
     if posterior not in C.LAPLACE:  # fail before any training
@@ -151,8 +152,12 @@ def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500,
             yy = y.to(logits.device)
             test_nll, test_err = nll_and_error(model, x_test, y_test)
             train_nll, train_err = nll_and_error(model, x, y)
-            return dict(delta=float(delta), loo={f: float(loo_nll(logits, yy, V, f)) for f in FORMS},
-                        test_nll=test_nll, test_err=test_err, train_nll=train_nll, train_err=train_err)
+            per_example = {f: loo_nll(logits, yy, V, f, reduce=False).detach().cpu() for f in FORMS}
+            test_logits = predict(model, x_test)
+            test_per_example = F.cross_entropy(test_logits, y_test.to(test_logits.device), reduction="none").cpu()
+            return dict(delta=float(delta), loo={f: float(v.mean()) for f, v in per_example.items()},
+                        test_nll=test_nll, test_err=test_err, train_nll=train_nll, train_err=train_err,
+                        loo_per_example=per_example, test_per_example=test_per_example)
         return run
 
     jobs = {job_key(delta=float(d), fit_iters=fit_iters, posterior=posterior, **(tag or {})): job(d) for d in deltas}

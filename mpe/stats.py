@@ -92,25 +92,33 @@ def over_seeds(values, what: str = "seeds") -> Estimate:
     return Estimate(float(mean), float(mean - h), float(mean + h), f"mean of {v.size} {what}, t-interval")
 
 
-def bootstrap(statistic, *arrays, n_boot: int = 1000, seed: int = 0, what: str = "examples") -> Estimate:
+def bootstrap(statistic, *arrays, n_boot: int = 1000, seed: int = 0, what: str = "examples",
+              paired: bool = True) -> Estimate:
     """``statistic(*arrays)`` with a percentile 95 % interval from ``n_boot`` resamples of the rows.
 
-    Every array's first axis indexes the same N units (examples, or runs); the units are resampled with
-    replacement, the same indices for every array (a paired bootstrap). Resamples on which the statistic is not
-    finite (a constant resample under a rank correlation) are dropped; if more than 10 % are, the interval is
-    reported as unbounded.
+    ``paired=True``: every array's first axis indexes the same N units (examples, or runs), resampled with
+    replacement with the same indices for every array. ``paired=False``: each array is its own sample (training
+    and test examples, say), resampled independently. Resamples on which the statistic is not finite (a constant
+    resample under a rank correlation) are dropped; if more than 10 % are, the interval is reported as unbounded.
     """
     arrays = [np.asarray(a) for a in arrays]
-    n = len(arrays[0])
-    if any(len(a) != n for a in arrays):
-        raise ValueError(f"arrays must share their first axis, got lengths {[len(a) for a in arrays]}")
+    sizes = [len(a) for a in arrays]
+    if paired and len(set(sizes)) > 1:
+        raise ValueError(f"arrays must share their first axis, got lengths {sizes}")
     value = float(statistic(*arrays))
     rng = np.random.default_rng(seed)
+
+    def resample():
+        if paired:
+            idx = rng.integers(0, sizes[0], sizes[0])
+            return [a[idx] for a in arrays]
+        return [a[rng.integers(0, len(a), len(a))] for a in arrays]
+
     with warnings.catch_warnings():  # a constant resample makes a rank correlation undefined: counted below
         warnings.simplefilter("ignore", RuntimeWarning)  # scipy's ConstantInputWarning is a RuntimeWarning
-        stats = np.array([statistic(*(a[idx] for a in arrays)) for idx in rng.integers(0, n, size=(n_boot, n))],
-                         dtype=float)
-    return from_draws(value, stats, f"bootstrap over {n} {what}, {n_boot} resamples")
+        draws = np.array([statistic(*resample()) for _ in range(n_boot)], dtype=float)
+    n = sizes[0] if paired else " + ".join(map(str, sizes))
+    return from_draws(value, draws, f"bootstrap over {n} {what}, {n_boot} resamples")
 
 
 def from_draws(value, draws, method: str) -> Estimate:

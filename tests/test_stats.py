@@ -56,3 +56,12 @@ def test_precision_follows_the_interval():
     assert stats.Estimate(1.0, 0.5, 2.0, "m").map(lambda v: 1 / v) == stats.Estimate(1.0, 0.5, 2.0, "m")
     with pytest.raises(ValueError, match="does not hold"):
         stats.Estimate(3.0, 0.0, 1.0, "m")
+
+
+def test_unpaired_bootstrap_matches_the_two_sample_interval():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.0, 1.0, 300), rng.normal(0.5, 2.0, 500)
+    est = stats.bootstrap(lambda u, v: v.mean() - u.mean(), a, b, paired=False, n_boot=2000)
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    assert est.hi - est.lo == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert "300 + 500" in est.method
