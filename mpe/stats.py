@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Estimate", "over_seeds", "bootstrap", "from_draws", "exact", "decimals", "spearman", "pearson"]
+__all__ = ["Estimate", "over_seeds", "bootstrap", "from_draws", "pairs_bootstrap", "exact", "decimals", "spearman", "pearson"]
 
 LEVEL = 0.95
 
@@ -119,6 +119,28 @@ def bootstrap(statistic, *arrays, n_boot: int = 1000, seed: int = 0, what: str =
         draws = np.array([statistic(*resample()) for _ in range(n_boot)], dtype=float)
     n = sizes[0] if paired else " + ".join(map(str, sizes))
     return from_draws(value, draws, f"bootstrap over {n} {what}, {n_boot} resamples")
+
+
+def pairs_bootstrap(statistic, *matrices, n_boot: int = 1000, seed: int = 0, what: str = "examples") -> Estimate:
+    """``statistic(*values)`` of the off-diagonal entries of (n, n) pair matrices (kernel values of pairs i != j),
+    with a percentile 95 % interval from resampling the n *examples*: a resample keeps the pairs among the drawn
+    examples (a pair of an example with its own copy is left out), so that the dependence between pairs that share
+    an example is respected."""
+    mats = [np.asarray(m) for m in matrices]
+    n = mats[0].shape[0]
+    if any(m.shape != (n, n) for m in mats):
+        raise ValueError(f"pair matrices must all be ({n}, {n}), got {[m.shape for m in mats]}")
+    off = ~np.eye(n, dtype=bool)
+    value = float(statistic(*(m[off] for m in mats)))
+    rng = np.random.default_rng(seed)
+    draws = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(n_boot):
+            idx = rng.integers(0, n, n)
+            keep = idx[:, None] != idx[None, :]
+            draws.append(statistic(*(m[np.ix_(idx, idx)][keep] for m in mats)))
+    return from_draws(value, draws, f"bootstrap over {n} {what} (their pairs), {n_boot} resamples")
 
 
 def from_draws(value, draws, method: str) -> Estimate:

@@ -65,3 +65,14 @@ def test_unpaired_bootstrap_matches_the_two_sample_interval():
     se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
     assert est.hi - est.lo == pytest.approx(2 * 1.96 * se, rel=0.15)
     assert "300 + 500" in est.method
+
+
+def test_pairs_bootstrap_keeps_pairs_of_distinct_examples():
+    n = 30
+    m = np.arange(n * n, dtype=float).reshape(n, n)
+    est = stats.pairs_bootstrap(lambda v: v.size, m, n_boot=50)
+    assert est.value == n * (n - 1)  # the diagonal is left out
+    diag_marked = np.eye(n) * 1e9
+    assert stats.pairs_bootstrap(np.max, diag_marked, n_boot=50).hi == 0.0  # no self-pair ever enters a resample
+    with pytest.raises(ValueError, match="pair matrices"):
+        stats.pairs_bootstrap(np.mean, m, m[:3, :3])
