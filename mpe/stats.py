@@ -80,13 +80,15 @@ def decimals(lo: float, hi: float) -> int:
 def over_seeds(values, what: str = "seeds") -> Estimate:
     """Mean of ``values`` (K,) from K independent reruns, with the Student-t 95 % interval of the mean.
 
-    Needs K >= 2; with identical values the interval is the value itself.
+    With identical values the interval is the value itself; with K = 1 it is unbounded (INCONCLUSIVE).
     """
     from scipy.stats import t
 
     v = np.asarray(values, dtype=float).ravel()
-    if v.size < 2:
-        raise ValueError(f"an interval over {what} needs at least 2 values, got {v.size}")
+    if v.size == 0:
+        raise ValueError(f"no values over {what}")
+    if v.size == 1:  # one run has no spread to measure: an unbounded interval, so never a verdict
+        return Estimate(float(v[0]), -math.inf, math.inf, f"one of {what}, no interval")
     mean, se = v.mean(), v.std(ddof=1) / math.sqrt(v.size)
     h = float(t.ppf(0.5 + LEVEL / 2, v.size - 1) * se)
     return Estimate(float(mean), float(mean - h), float(mean + h), f"mean of {v.size} {what}, t-interval")
