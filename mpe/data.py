@@ -35,7 +35,7 @@ import torch
 
 __all__ = ["Data", "load", "DATASETS", "DataNotAvailable", "ChecksumError", "read_idx",
            "class_balanced_subset", "flip_labels", "permute_pixels", "fetch", "load_cscores", "AUGMENTATIONS",
-           "augmented"]
+           "augmented", "provision"]
 
 
 class DataNotAvailable(FileNotFoundError):
@@ -136,6 +136,7 @@ REGISTRY: dict[str, dict] = {
                      "md5:15d484375f8d13e6eb1aabb0c3f46965"),
         ],
         local_dirs=["/usr/share/datasets/fashion-mnist"],  # Debian's dataset-fashion-mnist (re-gzipped)
+        debian="dataset-fashion-mnist",  # provision() unpacks it without installing it (no root needed)
     ),
     "cifar10": dict(
         mirrors=["https://www.cs.toronto.edu/~kriz/"],
@@ -303,6 +304,62 @@ def fetch(name: str, spec: FileSpec, download: bool | None = None) -> Path:
         raise ChecksumError("; ".join(corrupt + errors))
     raise DataNotAvailable(f"{name}: {spec.name} not found in {searched} and could not be downloaded "
                            f"({'; '.join(errors)}). {how}.")
+
+
+def _from_debian(name: str) -> list[Path]:
+    """Fetch the Debian package of ``name`` with ``apt-get download`` (no root needed), unpack it with ``dpkg-deb``
+    (nothing is installed), verify every file against the published hashes and copy it into the cache."""
+    import shutil
+    import subprocess
+
+    package = REGISTRY[name]["debian"]
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        raise DataNotAvailable(f"{name}: no apt-get/dpkg-deb on this machine to fetch the package {package}")
+    target = cache_dir() / name
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".deb-") as tmp:
+        tmp = Path(tmp)
+        got = subprocess.run(["apt-get", "download", "-q", package], cwd=tmp, capture_output=True, text=True)
+        if got.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:  # empty package lists: refresh them
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            got = subprocess.run(["apt-get", "download", "-q", package], cwd=tmp, capture_output=True, text=True)
+        debs = sorted(tmp.glob("*.deb"))
+        if got.returncode != 0 or not debs:
+            raise DataNotAvailable(f"{name}: `apt-get download {package}` failed: {got.stderr.strip()[-300:]}")
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tmp / "root")], check=True, capture_output=True)
+        out = []
+        for spec in REGISTRY[name]["files"]:
+            found = sorted((tmp / "root").rglob(spec.name))
+            if not found:
+                raise DataNotAvailable(f"{name}: the package {package} holds no {spec.name}")
+            verify(found[0], spec, REGISTRY[name].get("members"))
+            os.replace(found[0], target / spec.name)
+            out.append(target / spec.name)
+    return out
+
+
+def provision(name: str, download: bool | None = None) -> list[Path]:
+    """Make the real data set ``name`` available offline, verified, and return its files.
+
+    In order: a verified copy already on disk (``$MPE_DATA_DIR``, the cache, Debian's install folder); a download
+    from the canonical mirrors (unless ``download=False`` or ``$MPE_OFFLINE``); for a data set that Debian packages
+    (Fashion-MNIST), the package fetched with ``apt-get download`` and unpacked into the cache. Otherwise
+    :class:`DataNotAvailable` names the missing file and the ways to provide it. ``make data-quick`` calls this for
+    what the quick profile needs.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(REGISTRY)}")
+    if download is None:
+        download = not os.environ.get("MPE_OFFLINE")
+    try:
+        return [fetch(name, spec, download) for spec in REGISTRY[name]["files"]]
+    except DataNotAvailable as err:
+        if "debian" not in REGISTRY[name]:
+            raise
+        try:
+            return _from_debian(name)
+        except DataNotAvailable as deb_err:
+            raise DataNotAvailable(f"{err} Also tried the Debian package: {deb_err}") from err
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,3 +580,15 @@ def write_idx(array: np.ndarray, path, compresslevel: int = 9, filename_in_heade
         f.write(header + array.tobytes())
     Path(path).write_bytes(buf.getvalue())
 
+
+
+if __name__ == "__main__":  # python -m mpe.data provision fmnist ...
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "provision":
+        sys.exit("usage: python -m mpe.data provision NAME [NAME ...]")
+    try:
+        for n in sys.argv[2:]:
+            print(n, "ready:", ", ".join(str(p) for p in provision(n)))
+    except (DataNotAvailable, ChecksumError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -107,7 +107,6 @@ def bootstrap(statistic, *arrays, n_boot: int = 1000, seed: int = 0, what: str =
     sizes = [len(a) for a in arrays]
     if paired and len(set(sizes)) > 1:
         raise ValueError(f"arrays must share their first axis, got lengths {sizes}")
-    value = float(statistic(*arrays))
     rng = np.random.default_rng(seed)
 
     def resample():
@@ -118,6 +117,7 @@ def bootstrap(statistic, *arrays, n_boot: int = 1000, seed: int = 0, what: str =
 
     with warnings.catch_warnings():  # a constant resample makes a rank correlation undefined: counted below
         warnings.simplefilter("ignore", RuntimeWarning)  # scipy's ConstantInputWarning is a RuntimeWarning
+        value = float(statistic(*arrays))
         draws = np.array([statistic(*resample()) for _ in range(n_boot)], dtype=float)
     n = sizes[0] if paired else " + ".join(map(str, sizes))
     return from_draws(value, draws, f"bootstrap over {n} {what}, {n_boot} resamples")
@@ -133,11 +133,11 @@ def pairs_bootstrap(statistic, *matrices, n_boot: int = 1000, seed: int = 0, wha
     if any(m.shape != (n, n) for m in mats):
         raise ValueError(f"pair matrices must all be ({n}, {n}), got {[m.shape for m in mats]}")
     off = ~np.eye(n, dtype=bool)
-    value = float(statistic(*(m[off] for m in mats)))
     rng = np.random.default_rng(seed)
     draws = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        value = float(statistic(*(m[off] for m in mats)))
         for _ in range(n_boot):
             idx = rng.integers(0, n, n)
             keep = idx[:, None] != idx[None, :]
