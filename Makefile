@@ -55,15 +55,20 @@ build/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(wildcard mpe/*.py) $(wildcard para
 # Figures written while testing go to build/test-figures, not into the tracked figures/.
 # One pytest run: unit tests and every notebook (nbval-lax compares the claims-check cells with the stored outputs).
 # Then one notebook per paper again under torch's portable CPU kernels (ATEN_CPU_CAPABILITY=default), with a cache
-# of its own, against the same stored references: a verdict must not depend on the machine's float kernels.
+# of its own, against the same stored references.
 KERNEL_NOTEBOOKS := notebooks/mpe/fig5_loo_during_training.ipynb notebooks/lpntk/table1_forgetting_events.ipynb \
 	notebooks/regularity/noise_flipped_labels.ipynb notebooks/laftr/ablations_laftr_variants.ipynb
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+# nbval compares the claims and their sources; `harness compare` then compares each run's verdicts with the stored
+# reference (figures/quick): a move of one step is within noise and reported, a contradiction fails.
 test: env data-quick
+	rm -rf build/test-figures build/test-figures-default
 	MPE_FIGURES_DIR=$(CURDIR)/build/test-figures MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile \
 		$(NBVAL) tests notebooks
 	ATEN_CPU_CAPABILITY=default MPE_RESULTS_DIR=$(CURDIR)/build/cache-default MPE_FIGURES_DIR=$(CURDIR)/build/test-figures-default \
 		MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile $(NBVAL) $(KERNEL_NOTEBOOKS)
+	$(PY) -m mpe.harness compare build/test-figures/quick
+	$(PY) -m mpe.harness compare build/test-figures-default/quick
 
 unit: env
 	MPE_OFFLINE=1 $(PY) -m pytest -n $(JOBS) tests

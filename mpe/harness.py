@@ -5,6 +5,7 @@ Command line (used by the Makefile)::
     python -m mpe.harness run NOTEBOOK [--profile quick|paper] [--device cpu|cuda|mps|auto] [--shrunk] [-p NAME VALUE]...
     python -m mpe.harness references NOTEBOOK...      # re-execute in place (quick) = refresh nbval references
     python -m mpe.harness summary [--profile quick]   # figures/<profile>/SUMMARY.md from the claims files
+    python -m mpe.harness compare RUN_DIR             # a test run's claims against the stored reference
     python -m mpe.harness list                        # notebooks and their ids
 
 A notebook ``notebooks/<paper>/<id>_<what>.ipynb`` has the id ``<paper>-<id>``; its outputs are
@@ -191,9 +192,9 @@ class Claims:
             v = float(measured)
             measured = Estimate(v, -math.inf, math.inf, "a single run, no interval")
         verdict = measured.verdict(op, threshold) if testable else "not testable here"
-        if not why and verdict == "inconclusive":
-            why = ("a single run has no interval" if math.isinf(measured.hi - measured.lo)
-                   else "the interval straddles the threshold: within noise at this scale")
+        if verdict == "inconclusive":
+            why = "; ".join(filter(None, ["a single run has no interval" if math.isinf(measured.hi - measured.lo)
+                                          else "the interval straddles the threshold: within noise at this scale", why]))
         if not why and verdict in ("not reproduced", "not testable here"):
             raise ValueError(f"claim {claim!r} is {verdict.upper()} with no why: say what stands in the way")
         self.rows.append(dict(claim=claim, source=source, measured=measured.value, lo=measured.lo, hi=measured.hi,
@@ -205,8 +206,8 @@ class Claims:
         """Print the claims and write ``figures/<profile>/<id>.json`` (kept in ``self.path``).
 
         Returns nothing, so that the claims cell shows only the printed text, which nbval compares with the stored
-        output after masking the measured values (``tests/nbval_sanitize.cfg``): the claim, its source, the
-        threshold and the verdict are what must hold on any CPU.
+        output after masking the measured values and verdicts (``tests/nbval_sanitize.cfg``): the claims and their
+        sources must be the same on any CPU. The verdicts are compared with the reference run's by :func:`compare`.
         """
         for r in self.rows:
             thr = f"[{r['threshold'][0]}, {r['threshold'][1]}]" if r["op"] == "between" else r["threshold"]
@@ -369,6 +370,41 @@ def references(nbs) -> None:
             tmp.unlink(missing_ok=True)
 
 
+STEP = {"reproduced": 1, "inconclusive": 0, "not reproduced": -1}
+
+
+def compare(run_dir: Path, reference_dir: Path | None = None) -> list[str]:
+    """Compare the claims a test run wrote (``run_dir/<id>.json``) with the stored reference (``figures/quick``).
+
+    The claims, their sources, comparisons and thresholds must be the same. A verdict may move by one step between
+    machines (REPRODUCED <-> INCONCLUSIVE <-> NOT REPRODUCED): the CPU's float kernels move a value inside its noise,
+    and a claim whose verdict moves that way is inconclusive by construction; such moves are reported, not failed.
+    A jump across (REPRODUCED on one machine, NOT REPRODUCED on the other) contradicts both intervals and fails, as
+    does a change of testability. Returns the failures (an empty list when the run agrees)."""
+    reference_dir = Path(reference_dir or figures_dir("quick"))
+    failures, moves = [], []
+    for f in sorted(Path(run_dir).glob("*.json")):
+        ref = reference_dir / f.name
+        if not ref.exists():
+            failures.append(f"{f.stem}: no reference {ref}")
+            continue
+        now, then = json.loads(f.read_text())["claims"], json.loads(ref.read_text())["claims"]
+        if [c["claim"] for c in now] != [c["claim"] for c in then]:
+            failures.append(f"{f.stem}: the claims differ from the reference")
+            continue
+        for c, r in zip(now, then):
+            where = f"{f.stem}: {c['claim']}"
+            if (c.get("source"), c["op"], c["threshold"]) != (r.get("source"), r["op"], r["threshold"]):
+                failures.append(f"{where}: source or threshold differs from the reference")
+            elif c["verdict"] != r["verdict"]:
+                a, b = STEP.get(c["verdict"]), STEP.get(r["verdict"])
+                line = f"{where}: {c['verdict'].upper()} here, {r['verdict'].upper()} in the reference"
+                (moves if a is not None and b is not None and abs(a - b) == 1 else failures).append(line)
+    for m in moves:
+        print(f"within noise (inconclusive by construction): {m}")
+    return failures
+
+
 def claim_counts(rows) -> dict:
     """``{group: {verdict: count}}`` for the groups of :data:`COUNTED` (sanity checks are not counted)."""
     return {g: {v: sum(r.get("source") in srcs and r["verdict"] == v for r in rows) for v in VERDICTS}
@@ -439,6 +475,10 @@ def main(argv=None) -> int:
                         "variant")
     ref = sub.add_parser("references")
     ref.add_argument("notebooks", nargs="+")
+    cmp = sub.add_parser("compare", help="compare a test run's claims with the stored reference (exit 1 on a "
+                                         "contradiction)")
+    cmp.add_argument("run_dir")
+    cmp.add_argument("--reference", default=None)
     s = sub.add_parser("summary")
     s.add_argument("--profile", default="quick")
     sub.add_parser("list")
@@ -455,6 +495,13 @@ def main(argv=None) -> int:
                 run(a.notebook, a.profile, a.device, shrunk=a.shrunk, variant=v, overrides=overrides)
         elif a.cmd == "references":
             references(a.notebooks)
+        elif a.cmd == "compare":
+            failures = compare(Path(a.run_dir), a.reference)
+            for line in failures:
+                print(f"FAILED {line}", file=sys.stderr)
+            if failures:
+                return 1
+            print(f"claims of {a.run_dir} agree with the reference")
         elif a.cmd == "summary":
             print(summary(a.profile))
         else:

@@ -52,7 +52,7 @@ def test_claims_verdicts_follow_the_interval_and_json(tmp_path, monkeypatch, cap
     assert all(r["why"] for r in rows if r["verdict"] != "reproduced")
     out = capsys.readouterr().out
     assert "- [reconstructed] knife edge\n    measured 0.85 [0.80, 0.90] (seeds) <- needs >= 0.85" in out
-    assert "-> INCONCLUSIVE: the interval straddles the threshold" in out
+    assert "-> INCONCLUSIVE: the interval straddles the threshold: within noise at this scale" in out
     (tmp_path / "quick" / "mpe-test.json").write_text(json.dumps(dict(json.loads(c.path.read_text()), runtime_s=3.5)))
     text = harness.summary("quick").read_text()
     # paper claims (paper + reconstructed): 1 R, 1 NR, 1 I, 1 NT; companion: 1 I; the sanity row is not counted
@@ -60,27 +60,47 @@ def test_claims_verdicts_follow_the_interval_and_json(tmp_path, monkeypatch, cap
     assert "paper claims: 1 reproduced, 1 not reproduced, 1 inconclusive, 1 not testable here" in text
 
 
-def test_printed_claims_are_stable_after_sanitising():
-    """nbval masks the measured values: two kernel paths that move a value inside its interval print the same."""
-    import configparser
+def test_printed_claims_are_stable_after_sanitising(tmp_path, monkeypatch, capsys):
+    """nbval masks measured values and verdicts (compare() judges those): two kernel paths print the same claims."""
     import re
 
-    cfg = configparser.ConfigParser()
-    cfg.read(Path(__file__).with_name("nbval_sanitize.cfg"))
-    subs = [(cfg[s]["regex"], cfg[s]["replace"]) for s in cfg.sections()]
+    from nbval.plugin import get_sanitize_patterns
 
-    def printed(est):
+    monkeypatch.setenv("MPE_FIGURES_DIR", str(tmp_path))
+    subs = get_sanitize_patterns(Path(__file__).with_name("nbval_sanitize.cfg").read_text())
+
+    def printed(est, source="paper"):
         c = harness.Claims("mpe-test", "quick")
-        c.add("accuracy rises", est, ">=", 0.5, source="paper")
-        r = c.rows[0]
-        text = f"measured {r['text']} ({r['method']}) <- needs >= 0.5 -> {r['verdict']}"
+        c.add("accuracy rises", est, ">=", 0.5, source=source, why="small")
+        c.add("a second claim", stats.exact(1.0), ">=", 0.5, source="companion")
+        c.report()
+        text = capsys.readouterr().out
         for regex, rep in subs:
             text = re.sub(regex, rep, text)
         return text
 
-    a, b = printed(stats.Estimate(0.91, 0.85, 0.97, "5 seeds")), printed(stats.Estimate(0.97, 0.9, 0.99, "5 seeds"))
-    assert a == b and "0.9" not in a
-    assert printed(stats.Estimate(0.4, 0.3, 0.6, "5 seeds")) != a  # the verdict is still compared
+    a = printed(stats.Estimate(0.91, 0.85, 0.97, "5 seeds"))
+    assert a == printed(stats.Estimate(0.47, 0.3, 0.6, "5 seeds")) and "0.9" not in a
+    assert a == "- [paper] accuracy rises\n    VERDICT\n- [companion] a second claim\n    VERDICT\n"
+    assert printed(stats.Estimate(0.91, 0.85, 0.97, "5 seeds"), source="companion") != a  # the source is compared
+
+
+def test_compare_allows_one_step_and_fails_contradictions(tmp_path, capsys):
+    def write(folder, verdicts, threshold=0.5):
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [dict(claim=f"c{i}", source="paper", op=">=", threshold=threshold, verdict=v) for i, v in enumerate(verdicts)]
+        (folder / "mpe-x.json").write_text(json.dumps(dict(id="mpe-x", claims=rows)))
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    write(ref, ["reproduced", "inconclusive", "not reproduced", "not testable here"])
+    write(run, ["inconclusive", "not reproduced", "inconclusive", "not testable here"])
+    assert harness.compare(run, ref) == []
+    assert capsys.readouterr().out.count("within noise") == 3
+    write(run, ["not reproduced", "inconclusive", "not reproduced", "reproduced"])
+    assert len(harness.compare(run, ref)) == 2  # a jump across, and a change of testability
+    write(run, ["reproduced", "inconclusive", "not reproduced", "not testable here"], threshold=0.6)
+    assert all("threshold" in f for f in harness.compare(run, ref)) and len(harness.compare(run, ref)) == 4
+    assert harness.main(["compare", str(run), "--reference", str(ref)]) == 1
 
 
 def test_setup_table_lists_every_parameter_with_three_sources(tmp_path, monkeypatch):
