@@ -357,7 +357,9 @@ def _without_progress(output):
 
 def references(nbs) -> None:
     """Re-execute notebooks on the quick profile and store their outputs in place as the nbval references. Each runs
-    into a temporary file first, so a failing run leaves the source notebook as it was."""
+    into a temporary file first, so a failing run leaves the source notebook as it was; the others still run, and
+    the failures are raised together at the end."""
+    failed = []
     for nb in nbs:
         path = repo_root() / nb
         tmp = repo_root() / "build" / "references" / Path(nb).name
@@ -366,8 +368,13 @@ def references(nbs) -> None:
             run(path, "quick", "cpu", output=tmp)
             clean_notebook(tmp)
             tmp.replace(path)
+        except Exception as err:  # papermill's PapermillExecutionError names the failing cell
+            failed.append(f"{nb}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}")
+            print(f"FAILED {failed[-1]}", file=sys.stderr)
         finally:
             tmp.unlink(missing_ok=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} notebook(s) failed; their stored outputs are unchanged:\n" + "\n".join(failed))
 
 
 STEP = {"reproduced": 1, "inconclusive": 0, "not reproduced": -1}
@@ -508,7 +515,7 @@ def main(argv=None) -> int:
             for p in notebooks():
                 extra = variants(notebook_id(p))
                 print(f"{notebook_id(p):24s} {p}" + (f"  (paper variants: {', '.join(extra)})" if extra else ""))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

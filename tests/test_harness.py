@@ -231,10 +231,14 @@ def test_failing_reference_run_leaves_the_notebook_untouched(tmp_path, monkeypat
                                   metadata={"kernelspec": {"name": "python3", "language": "python",
                                                            "display_name": "Python 3"}})
     nbformat.write(nb, path)
+    nb.cells[1] = nbformat.v4.new_code_cell("print('fine')")
+    nbformat.write(nb, path.with_name("fine.ipynb"))
     before = path.read_bytes()
     monkeypatch.setattr(harness, "repo_root", lambda: tmp_path)
     monkeypatch.setenv("MPE_FIGURES_DIR", str(tmp_path / "figures"))
-    with pytest.raises(Exception, match="boom"):
-        harness.references(["notebooks/mpe/broken.ipynb"])
+    with pytest.raises(RuntimeError, match=r"(?s)1 notebook.*broken.ipynb.*boom"):
+        harness.references(["notebooks/mpe/broken.ipynb", "notebooks/mpe/fine.ipynb"])
     assert path.read_bytes() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == ["broken.ipynb"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["broken.ipynb", "fine.ipynb"]
+    # the notebook after the failing one still ran, and its outputs are stored
+    assert nbformat.read(path.with_name("fine.ipynb"), as_version=4).cells[1].outputs[0]["text"] == "fine\n"
