@@ -75,7 +75,7 @@ def online_newton(model, x, y, *, delta: float, steps: int, lr: float = 1.0, lr_
     ``mc_samples=0`` evaluates ĝ, Ĥ at θ (the delta method: Newton/ON); ``mc_samples>0`` averages them over samples
     of q = N(m, S_{t−1}⁻¹) (VON). ``s0`` is S_0 (a scalar times I, a diagonal (P,), or a (P, P) matrix); by default
     S_0 = Ĥ at the initial parameters on the full data. After each update ``cb.on_step(state)`` is called with
-    ``state.model``, ``state.step``, ``state.posterior``.
+    ``state.model``, ``state.step``, ``state.posterior`` and ``state.s0`` (S_0, to measure how far S has moved).
     """
     if steps < 1 or lr <= 0 or delta < 0:
         raise ValueError(f"need steps >= 1, lr > 0 and delta >= 0; got steps={steps}, lr={lr}, delta={delta}")
@@ -96,7 +96,7 @@ def online_newton(model, x, y, *, delta: float, steps: int, lr: float = 1.0, lr_
         S = s0 if s0.dim() == (1 if diagonal else 2) else (s0 * torch.ones_like(theta) if diagonal
                                                           else torch.diag(s0.expand_as(theta)).clone())
     kind = "diag" if diagonal else "full"
-    state = SimpleNamespace(model=model, step=0, posterior=C.Posterior(kind, S, delta))
+    state = SimpleNamespace(model=model, step=0, posterior=C.Posterior(kind, S, delta), s0=S.clone())
     order, pos = torch.randperm(n, generator=gen), 0
     it = range(steps)
     if progress:

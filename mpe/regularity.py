@@ -112,8 +112,9 @@ class ForgettingPredictor:
 
     True event: correct at θ_{t−1} and wrong at θ_t. Predicted event: correct at θ_{t−1} and argmax q̂ ≠ y. Counts
     ``tp``, ``fp``, ``fn``, ``tn`` are summed over the first ``max_steps`` steps (all if None); ``checked`` counts the
-    examples that were correct before the update (the ones that can be forgotten). ``el2n_error`` is the mean of
-    |EL2N(q̂)/EL2N(q_t) − 1|. Eq. 1 is exact to first order for plain SGD (no momentum, no weight decay).
+    examples that were correct before the update (the ones that can be forgotten). ``el2n_error`` is the median over
+    the checked examples of |EL2N(q̂) − EL2N(q_t)|, an absolute error on EL2N's scale [0, √2] (a ratio would explode
+    for confidently correct examples, whose EL2N is near 0). Eq. 1 is exact to first order for plain SGD (no momentum, no weight decay).
     With augmentation, Δq is that of the augmented minibatch the step used (``state.batch``), and the checked
     examples are the clean ones: forgetting is a change of the training example's own prediction.
     """
@@ -148,8 +149,7 @@ class ForgettingPredictor:
             self.tn += int((~true & ~pred).sum())
             self.checked += int(correct.sum())
             onehot = torch.nn.functional.one_hot(yp, q_t.shape[1]).to(q_t.dtype)
-            ratio = (q_hat - onehot).norm(dim=1) / (q_t - onehot).norm(dim=1).clamp_min(1e-12)
-            self.el2n_errors.append((ratio - 1).abs().mean().item())
+            self.el2n_errors.append(((q_hat - onehot).norm(dim=1) - (q_t - onehot).norm(dim=1)).abs().cpu())
         self.prev = idx.cpu()
 
     def summary(self) -> dict:
@@ -158,7 +158,7 @@ class ForgettingPredictor:
         events = self.tp + self.fn
         return dict(tp=self.tp, fp=self.fp, fn=self.fn, tn=self.tn, precision=p, recall=r, f1=f1, events=events,
                     event_rate=events / max(self.checked, 1),
-                    el2n_error=sum(self.el2n_errors) / max(len(self.el2n_errors), 1))
+                    el2n_error=float(torch.cat(self.el2n_errors).median()) if self.el2n_errors else float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------------------

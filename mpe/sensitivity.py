@@ -27,7 +27,7 @@ from .train import nll_and_error, predict, train
 
 __all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_study", "loo_sweep",
            "LOOTracker", "loo_during_training", "loco_study", "group_deviation", "group_removal_study", "sampled_residuals",
-           "SensitivityTracker", "sorted_bins", "top_share", "FORMS"]
+           "SensitivityTracker", "sorted_bins", "top_share", "FORMS", "matched_beta2", "hess_moved", "loo_gaps"]
 
 FORMS = ("diag", "full", "newton")
 _EPS = 1e-10
@@ -47,7 +47,8 @@ def residuals(logits: torch.Tensor, y: torch.Tensor, clamp: bool = True) -> torc
 
 
 def logit_shift(V: torch.Tensor, e: torch.Tensor, p: torch.Tensor | None = None, form: str = "diag") -> torch.Tensor:
-    """Estimated Δf_i = f_i(θ^{\\i}) − f_i(θ), (N, K). ``V`` (N, K, K); ``p`` is needed for ``form="newton"``."""
+    """Estimated Δf_i = f_i(θ^{\\i}) − f_i(θ), (N, K). ``V`` (N, K, K); ``p`` is needed for ``form="newton"``, which
+    is NaN where the leverage h_i ≥ 1 (:func:`leverage`: the Newton step of the removal is ill-posed there)."""
     _check_form(form)
     if form == "diag":
         return V.diagonal(dim1=1, dim2=2) * e
@@ -56,7 +57,10 @@ def logit_shift(V: torch.Tensor, e: torch.Tensor, p: torch.Tensor | None = None,
     if p is None:
         raise ValueError("form='newton' needs the probabilities p")
     eye = torch.eye(V.shape[1], dtype=V.dtype, device=V.device)
-    return (V @ torch.linalg.solve(eye - softmax_hessian(p) @ V, e.unsqueeze(2))).squeeze(2)
+    shift = (V @ torch.linalg.solve(eye - softmax_hessian(p) @ V, e.unsqueeze(2))).squeeze(2)
+    # (I - Λ_i V_i)^{-1} exists as the removal's Newton step only while the leverage h_i < 1; beyond, the
+    # "estimate" flips sign or explodes: ill-posed, so NaN
+    return shift.masked_fill((leverage(p, V) >= 1)[:, None], float("nan"))
 
 
 def deviation(p: torch.Tensor, V: torch.Tensor, e: torch.Tensor, form: str = "diag") -> torch.Tensor:
@@ -197,7 +201,7 @@ class LOOTracker:
             raise ValueError(f"unknown variance source {source!r}; valid choices: {', '.join(self.SOURCES)}")
         self.x, self.y, self.x_test, self.y_test = x, y, x_test, y_test
         self.at_epochs, self.source, self.delta, self.forms = set(at_epochs), source, delta, tuple(forms)
-        self.test, self.loo, self.per_example = [], [], {}
+        self.test, self.loo, self.per_example, self.h_moved = [], [], {}, {}
 
     def posterior(self, state):
         return training_posterior(self.source, state, self.x, self.delta)
@@ -214,12 +218,38 @@ class LOOTracker:
             test_logits = predict(state.model, self.x_test)
             test_nll = F.cross_entropy(test_logits, self.y_test.to(test_logits.device), reduction="none").cpu()
             self.per_example[state.epoch] = (nll, test_nll)
+            if self.source == "ivon":
+                self.h_moved[state.epoch] = hess_moved(state.optimizer)
 
     def rows(self, **extra) -> list[dict]:
-        """One dict per LOO checkpoint: ``epoch``, ``loo_<form>``, ``test_nll``, ``test_err`` and ``extra``."""
+        """One dict per LOO checkpoint: ``epoch``, ``loo_<form>``, ``test_nll``, ``test_err``, for IVON ``h_moved``
+        (:func:`hess_moved`), and ``extra``."""
         test = {e: (nll, err) for e, nll, err in self.test}
-        return [dict(extra, epoch=e, **{f"loo_{f}": v for f, v in loo.items()}, test_nll=test[e][0], test_err=test[e][1])
+        return [dict(extra, epoch=e, **{f"loo_{f}": v for f, v in loo.items()}, test_nll=test[e][0], test_err=test[e][1],
+                     **({"h_moved": self.h_moved[e]} if e in self.h_moved else {}))
                 for e, loo in self.loo]
+
+
+def matched_beta2(paper_steps: int, steps: int, paper_beta2: float = 0.99999) -> float:
+    r"""IVON's β2 for a run of ``steps`` steps that puts its Hessian in the paper's regime.
+
+    IVON updates h ← β2 h + (1 − β2) ĥ (+ a small correction), so after T steps h has moved a share 1 − β2^T of the
+    way from its initial value h0 towards the data's ĥ. With the paper's β2 = 0.99999 a short run never leaves h0:
+    600 steps move h by 0.6 %, where the paper's 200,000 steps move it by 86 %. ``paper_beta2 ** (paper_steps /
+    steps)`` moves h by the same share in ``steps`` steps as ``paper_beta2`` does in ``paper_steps``, so that the
+    variance σ² = 1/(N(h + δ/N)) is the optimiser's estimate to the same degree as in the paper (MPE notes §1.11).
+    """
+    if paper_steps < 1 or steps < 1 or not 0 < paper_beta2 < 1:
+        raise ValueError(f"need positive step counts and 0 < beta2 < 1, got {paper_steps}, {steps}, {paper_beta2}")
+    return float(paper_beta2 ** (paper_steps / steps))
+
+
+def hess_moved(optimizer) -> float:
+    """How far IVON's Hessian h has moved from its initial value h0: ‖h − h0‖ / ‖h0‖ over all parameters (0 at the
+    start; the share 1 − β2^T of the distance to the data's Hessian after T steps)."""
+    g = optimizer.param_groups[0]
+    h, h0 = g["hess"], g["hess_init"]
+    return float((h - h0).norm() / (h0 * h.numel() ** 0.5))
 
 
 def loo_gaps(trackers: dict, epoch: int | None = None, form: str = "diag", n_boot: int = 1000, seed: int = 0) -> dict:
@@ -246,21 +276,27 @@ def loo_gaps(trackers: dict, epoch: int | None = None, form: str = "diag", n_boo
 
 
 def loo_during_training(make_model, data, methods: dict, *, at_epochs, epochs: int, batch_size: int, delta: float,
-                        hess_init: float = 0.1, seed: int = 0, progress: bool = True) -> dict:
-    """Figs. 1(b), 5, 8–10: train one model per method from the same initialisation with a :class:`LOOTracker`.
+                        hess_init: float = 0.1, beta2: float = 0.99999, seed: int = 0, progress: bool = True) -> dict:
+    """Figs. 1(b), 5, 8–10: train from the same initialisation with a :class:`LOOTracker` per method.
 
     ``methods`` maps a name to ``dict(source=..., optimizer=..., lr=..., lr_min=...)``; ``make_model()`` returns the
-    initial model, ``data`` a :class:`mpe.data.Data`. Returns {name: tracker}.
+    initial model, ``data`` a :class:`mpe.data.Data`; ``hess_init`` and ``beta2`` are IVON's (see
+    :func:`matched_beta2`). Methods that differ only in their variance source (SGD + diag-GGN and SGD + K-FAC) share
+    one training run, with one tracker each (the trackers draw no random numbers, so the run is the same as alone).
+    Returns {name: tracker}, in the order of ``methods``.
     """
-    trackers = {}
+    runs = {}  # (optimizer, lr, lr_min) -> names
     for name, m in methods.items():
-        net = make_model()
-        tracker = LOOTracker(data.x_train, data.y_train, data.x_test, data.y_test, at_epochs, m["source"], delta)
-        train(net, data.x_train, data.y_train, optimizer=m["optimizer"], lr=m["lr"], lr_min=m.get("lr_min", 0.0),
-              epochs=epochs, batch_size=batch_size, delta=delta, hess_init=hess_init, seed=seed, callbacks=[tracker],
-              progress=progress)
-        trackers[name] = tracker
-    return trackers
+        runs.setdefault((m["optimizer"], m["lr"], m.get("lr_min", 0.0)), []).append(name)
+    trackers = {}
+    for (optimizer, lr, lr_min), names in runs.items():
+        for name in names:
+            trackers[name] = LOOTracker(data.x_train, data.y_train, data.x_test, data.y_test, at_epochs,
+                                        methods[name]["source"], delta)
+        train(make_model(), data.x_train, data.y_train, optimizer=optimizer, lr=lr, lr_min=lr_min, epochs=epochs,
+              batch_size=batch_size, delta=delta, hess_init=hess_init, beta2=beta2, seed=seed,
+              callbacks=[trackers[n] for n in names], progress=progress)
+    return {name: trackers[name] for name in methods}
 
 
 def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "kfac", retrain_iters: int = 100,

@@ -68,3 +68,12 @@ def test_mpe_newton_step_close_to_true_loo_for_logistic():
         true = exact.logistic_fit(X[keep], y[keep], 1.0, theta0=theta) - theta
         est = exact.mpe_newton_removal(theta, X, y, 1.0, i) - theta
         assert (est - true).norm() < 0.05 * true.norm()
+
+
+def test_ridge_natural_parameter_subtraction_equals_refits(f64):
+    from mpe.exact import ridge_loo_brute_force, ridge_natural_removal
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(25, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(25, generator=g, dtype=torch.float64)
+    assert torch.allclose(ridge_natural_removal(X, y, 0.7), ridge_loo_brute_force(X, y, 0.7), atol=1e-12)

@@ -33,7 +33,7 @@ def test_forgetting_predictor_matches_a_manual_replay(augment):
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
-    prev, counts = None, dict(tp=0, fp=0, fn=0, tn=0)
+    prev, counts, errors = None, dict(tp=0, fp=0, fn=0, tn=0), []
     for _ in range(3):
         order = torch.randperm(40, generator=gen)
         for s in range(0, 40, bs):
@@ -42,7 +42,8 @@ def test_forgetting_predictor_matches_a_manual_replay(augment):
             if prev is not None:
                 before = model(x[prev]).argmax(1) == y[prev]
                 q = torch.softmax(model(x[prev]), 1).detach()
-                pred = before & ((q + delta_q(model, x[prev], xb, y[idx], lr)).argmax(1) != y[prev])
+                q_hat = q + delta_q(model, x[prev], xb, y[idx], lr)
+                pred = before & (q_hat.argmax(1) != y[prev])
             opt.zero_grad()
             nn.functional.cross_entropy(model(xb), y[idx]).backward()
             opt.step()
@@ -50,10 +51,15 @@ def test_forgetting_predictor_matches_a_manual_replay(augment):
                 true = before & (model(x[prev]).argmax(1) != y[prev])
                 for k, m in (("tp", true & pred), ("fp", ~true & pred), ("fn", true & ~pred), ("tn", ~true & ~pred)):
                     counts[k] += int(m.sum())
+                onehot = nn.functional.one_hot(y[prev], 3).float()
+                q_t = torch.softmax(model(x[prev]), 1).detach()
+                errors.append(((q_hat - onehot).norm(dim=1) - (q_t - onehot).norm(dim=1)).abs())
             prev = idx
     out = cb.summary()
     assert {k: out[k] for k in counts} == counts
     assert out["events"] == counts["tp"] + counts["fn"] > 0
+    # Eq. 1's error on EL2N: an absolute error (a ratio explodes for confident examples), the median over examples
+    assert out["el2n_error"] == pytest.approx(torch.cat(errors).median().item(), rel=1e-5)
 
 
 def test_learning_difficulty_sums_el2n_before_each_update():

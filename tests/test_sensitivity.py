@@ -194,3 +194,63 @@ def test_loo_gaps_bootstrap_is_paired_across_trackers():
     a, b = loo.double().numpy()[it].mean(1), test.double().numpy()[jt].mean(1)
     assert np.allclose(da, np.abs(a - b) / b)
     assert np.allclose(g["b"][1], np.abs(2 * a - b) / b)
+
+
+def test_matched_beta2_moves_ivon_hessian_by_the_papers_share():
+    import ivon
+
+    from mpe.sensitivity import hess_moved, matched_beta2
+
+    paper_share = 1 - 0.99999 ** 23500  # Fig. 5: 21 % of the way from h0
+    b = matched_beta2(23500, 200)
+    assert 1 - b ** 200 == pytest.approx(paper_share)
+    assert matched_beta2(500, 500) == pytest.approx(0.99999)
+    with pytest.raises(ValueError, match="positive"):
+        matched_beta2(0, 10)
+    # a constant data Hessian: h moves the share 1 - beta2^T from h0 to it (the correction term is second order)
+    w = torch.nn.Parameter(torch.zeros(50))
+    opt = ivon.IVON([w], lr=1e-3, ess=1.0, hess_init=1.0, beta2=b, weight_decay=0.0)
+    assert hess_moved(opt) == 0.0
+    for _ in range(200):
+        with opt.sampled_params(train=True):
+            loss = 0.5 * 3.0 * (w ** 2).sum()  # Hessian 3 in every coordinate
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert hess_moved(opt) == pytest.approx(2.0 * paper_share, rel=0.1)  # |3 - 1| / 1 of the way
+
+
+def test_newton_form_is_nan_where_the_leverage_reaches_one():
+    from mpe.sensitivity import leverage, logit_shift
+
+    p = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    e = torch.tensor([[0.5, -0.5], [0.5, -0.5]], dtype=torch.float64)
+    # Λ = [[.25, -.25], [-.25, .25]]: with V = c I the leverage is 0.5 c
+    V = torch.stack([torch.eye(2, dtype=torch.float64), 4 * torch.eye(2, dtype=torch.float64)])
+    assert leverage(p, V).tolist() == pytest.approx([0.5, 2.0])
+    shift = logit_shift(V, e, p, "newton")
+    # h = 0.5: (I - ΛV)^{-1} e = e / (1 - 0.5) since e is Λ's eigenvector with eigenvalue 0.5
+    assert shift[0].tolist() == pytest.approx((2 * e[0]).tolist())
+    assert torch.isnan(shift[1]).all()
+
+
+def test_loo_during_training_shares_identical_runs():
+    from types import SimpleNamespace
+
+    from mpe.sensitivity import loo_during_training
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 1, 1, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
+    data = SimpleNamespace(x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    sgd = dict(optimizer="sgd", lr=0.1, lr_min=0.01)
+    kw = dict(at_epochs=[2], epochs=2, batch_size=10, delta=1.0, progress=False)
+    shared = loo_during_training(make, data, {"diag": dict(sgd, source="diag"), "kfac": dict(sgd, source="kfac")}, **kw)
+    alone = loo_during_training(make, data, {"kfac": dict(sgd, source="kfac")}, **kw)
+    assert list(shared) == ["diag", "kfac"]
+    assert shared["kfac"].loo == alone["kfac"].loo and shared["kfac"].test == alone["kfac"].test
+    assert shared["diag"].test == shared["kfac"].test  # one run, seen by both trackers
