@@ -41,6 +41,11 @@ class Estimate:
         a, b = fn(self.lo), fn(self.hi)
         return Estimate(float(fn(self.value)), float(min(a, b)), float(max(a, b)), method or self.method)
 
+    def noted(self, note: str) -> "Estimate":
+        """The same estimate with ``note`` added to its method: a choice made from the data (which alternative was
+        best, which epoch was the minimum), shown with the value rather than in the claim's fixed text."""
+        return Estimate(self.value, self.lo, self.hi, f"{self.method}; {note}")
+
     def verdict(self, op: str, threshold) -> str:
         """``reproduced`` | ``not reproduced`` | ``inconclusive`` for ``value op threshold``."""
         if math.isnan(self.value) or math.isnan(self.lo) or math.isnan(self.hi):

@@ -77,3 +77,8 @@ def test_pairs_bootstrap_keeps_pairs_of_distinct_examples():
     assert stats.pairs_bootstrap(np.max, diag_marked, n_boot=50).hi == 0.0  # no self-pair ever enters a resample
     with pytest.raises(ValueError, match="pair matrices"):
         stats.pairs_bootstrap(np.mean, m, m[:3, :3])
+
+
+def test_a_note_goes_with_the_value_not_the_claim():
+    est = stats.Estimate(0.5, 0.4, 0.6, "mean of 4 seeds").noted("the better: kfac")
+    assert est.method == "mean of 4 seeds; the better: kfac" and (est.lo, est.value, est.hi) == (0.4, 0.5, 0.6)
