@@ -10,7 +10,7 @@ PAPERS    := mpe lpntk regularity laftr
 QUICK_DATA := fmnist  # real data the quick profile reads besides the embedded sets
 PARAMS    ?=          # notebook parameters for figures: PARAMS='-p n_train 500' (checked against the notebook)
 
-.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test unit lab references data clean
+.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels unit lab references data clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -18,6 +18,7 @@ help:  ## list the targets
 	@echo "                       PROFILE=paper also runs each notebook's variants (params/paper/<id>-<variant>.yaml)"
 	@echo "make figures-<paper>   only one paper's notebooks ($(PAPERS))"
 	@echo "make test              unit tests + nbval regression checks of every notebook (quick profile)"
+	@echo "make test-kernels      one notebook per paper under torch's portable CPU kernels (part of make test)"
 	@echo "make unit              unit tests only"
 	@echo "make lab               JupyterLab on notebooks/"
 	@echo "make references        re-execute notebooks in place: refresh the stored nbval references"
@@ -62,12 +63,16 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanit
 # nbval compares the claims and their sources; `harness compare` then compares each run's verdicts with the stored
 # reference (figures/quick): a move of one step is within noise and reported, a contradiction fails.
 test: env data-quick
-	rm -rf build/test-figures build/test-figures-default
+	rm -rf build/test-figures
 	MPE_FIGURES_DIR=$(CURDIR)/build/test-figures MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile \
 		$(NBVAL) tests notebooks
+	$(PY) -m mpe.harness compare build/test-figures/quick
+	$(MAKE) --no-print-directory test-kernels
+
+test-kernels: env data-quick  ## the KERNEL_NOTEBOOKS under torch's portable kernels, against the same references
+	rm -rf build/test-figures-default
 	ATEN_CPU_CAPABILITY=default MPE_RESULTS_DIR=$(CURDIR)/build/cache-default MPE_FIGURES_DIR=$(CURDIR)/build/test-figures-default \
 		MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile $(NBVAL) $(KERNEL_NOTEBOOKS)
-	$(PY) -m mpe.harness compare build/test-figures/quick
 	$(PY) -m mpe.harness compare build/test-figures-default/quick
 
 unit: env
