@@ -57,7 +57,7 @@ build/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(wildcard mpe/*.py) $(wildcard para
 # One pytest run: unit tests and every notebook (nbval-lax compares the claims-check cells with the stored outputs).
 # Then one notebook per paper again under torch's portable CPU kernels (ATEN_CPU_CAPABILITY=default), with a cache
 # of its own, against the same stored references.
-KERNEL_NOTEBOOKS := notebooks/mpe/fig5_loo_during_training.ipynb notebooks/lpntk/table1_forgetting_events.ipynb \
+KERNEL_NOTEBOOKS := notebooks/mpe/fig10_adam_preconditioner.ipynb notebooks/lpntk/table1_forgetting_events.ipynb \
 	notebooks/regularity/noise_flipped_labels.ipynb notebooks/laftr/ablations_laftr_variants.ipynb
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 # nbval compares the claims and their sources; `harness compare` then compares each run's verdicts with the stored
