@@ -10,7 +10,7 @@ PAPERS    := mpe lpntk regularity laftr
 QUICK_DATA := fmnist  # real data the quick profile reads besides the embedded sets
 PARAMS    ?=          # notebook parameters for figures: PARAMS='-p n_train 500' (checked against the notebook)
 
-.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels unit lab references data clean
+.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels smoke unit lab references data clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -19,6 +19,7 @@ help:  ## list the targets
 	@echo "make figures-<paper>   only one paper's notebooks ($(PAPERS))"
 	@echo "make test              unit tests + nbval regression checks of every notebook (quick profile)"
 	@echo "make test-kernels      one notebook per paper under torch's portable CPU kernels (part of make test)"
+	@echo "make smoke [DEVICE=cuda]  every paper profile, shrunk to tiny data, on DEVICE (the GPU check: minutes)"
 	@echo "make unit              unit tests only"
 	@echo "make lab               JupyterLab on notebooks/"
 	@echo "make references        re-execute notebooks in place: refresh the stored nbval references"
@@ -74,6 +75,11 @@ test-kernels: env data-quick  ## the KERNEL_NOTEBOOKS under torch's portable ker
 	ATEN_CPU_CAPABILITY=default MPE_RESULTS_DIR=$(CURDIR)/build/cache-default MPE_FIGURES_DIR=$(CURDIR)/build/test-figures-default \
 		MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile $(NBVAL) $(KERNEL_NOTEBOOKS)
 	$(PY) -m mpe.harness compare build/test-figures-default/quick
+
+# The paper profile of every notebook and variant, shrunk (params/shrunk/), on DEVICE: on a GPU this is the check that
+# nothing mixes devices before hours of compute are spent. Part of make test on the CPU.
+smoke: env data-quick
+	MPE_SMOKE_DEVICE=$(DEVICE) MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) -rfE tests/test_paper_profiles.py
 
 unit: env
 	MPE_OFFLINE=1 $(PY) -m pytest -n $(JOBS) tests

@@ -113,7 +113,9 @@ def regulariser(method: str, old: torch.nn.Module, task: Task, **kw):
     n_samples, n_coreset, inputs, gates, classwise, generator)."""
     if method not in METHODS or method == "finetune":
         raise ValueError(f"unknown regulariser {method!r}; valid choices: {', '.join(METHODS[1:])}")
-    return fsd.estimator(method, old, task.x_train, y=task.y_train, outputs=task.outputs, resample=True, **kw)
+    dev = next(old.parameters()).device  # the statistics live beside the model
+    return fsd.estimator(method, old, task.x_train.to(dev), y=task.y_train.to(dev), outputs=task.outputs,
+                         resample=True, **kw)
 
 
 @torch.no_grad()

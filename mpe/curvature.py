@@ -258,12 +258,13 @@ def ggn_diag_linear(model: nn.Module, x: torch.Tensor, batch_size: int = 256) ->
     layers = _layers(model)
     if not all(isinstance(m, nn.Linear) for m, _, _ in layers):
         return ggn_diag(model, x)
-    out = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=next(model.parameters()).dtype)
+    p = next(model.parameters())
+    out = torch.zeros(sum(q.numel() for q in model.parameters()), dtype=p.dtype, device=p.device)
     for _, logits, io in _layer_io(model, x, batch_size):
         L = sqrt_softmax_hessian(torch.softmax(logits, 1))
         for (m, w_off, b_off), (a, g) in zip(layers, io):
             gc = torch.einsum("nkc,nko->nco", L, g[:, :, 0])
-            d = torch.einsum("nco,nd->od", gc.pow(2), a[:, 0].pow(2)).cpu()
+            d = torch.einsum("nco,nd->od", gc.pow(2), a[:, 0].pow(2)).to(out.device)
             out[w_off:w_off + m.weight.numel()] += d[:, :m.in_features].reshape(-1)
             if b_off is not None:
                 out[b_off:b_off + m.out_features] += d[:, m.in_features]

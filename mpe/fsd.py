@@ -123,7 +123,9 @@ def difference_network(model0: nn.Module, model1: nn.Module, x: torch.Tensor, *,
             if probs is None:
                 gate = (a0 > 0).to(a0.dtype)
             else:
-                gate = torch.bernoulli(probs[r].to(a0).expand_as(a0), generator=generator)
+                # drawn where the generator lives (a CPU generator keeps CPU and GPU runs on one stream)
+                where = a0.device if generator is None else generator.device
+                gate = torch.bernoulli(probs[r].to(where, a0.dtype).expand(a0.shape), generator=generator).to(a0.device)
             r += 1
             a0, da = a0 * gate, da * gate
         elif isinstance(m0, nn.MaxPool2d):
@@ -169,7 +171,7 @@ def input_gaussian(x: torch.Tensor, jitter: float = 1e-4) -> tuple[torch.Tensor,
     """Mean (D,) and covariance (D, D) of the flattened inputs, plus ``jitter``·I (as the official code)."""
     f = x.flatten(1).double()
     mu = f.mean(0)
-    cov = torch.cov(f.T, correction=0) + jitter * torch.eye(f.shape[1], dtype=f.dtype)
+    cov = torch.cov(f.T, correction=0) + jitter * torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
     return mu.to(x.dtype), cov.to(x.dtype)
 
 
@@ -193,7 +195,7 @@ def laftr_bernoulli_exact(model0: nn.Module, model1: nn.Module, probs: list[torc
     l0, l1 = mlp_linears(model0), mlp_linears(model1)
     d = mu.numel()
     ez = torch.cat([mu, torch.zeros_like(mu)]).double()
-    ezz = torch.zeros(2 * d, 2 * d, dtype=torch.float64)
+    ezz = torch.zeros(2 * d, 2 * d, dtype=torch.float64, device=mu.device)
     ezz[:d, :d] = (cov + torch.outer(mu, mu)).double()
     for k, (m0, m1) in enumerate(zip(l0, l1)):
         w0, w1 = m0.weight.double(), m1.weight.double()
@@ -209,7 +211,7 @@ def laftr_bernoulli_exact(model0: nn.Module, model1: nn.Module, probs: list[torc
         euu = A @ ezz @ A.T + torch.outer(ae, c) + torch.outer(c, ae) + torch.outer(c, c)
         p = torch.cat([probs[k], probs[k]]).double()
         emm = torch.outer(p, p)
-        i = torch.arange(n)
+        i = torch.arange(n, device=p.device)
         for r, s in ((i, i), (i, i + n), (i + n, i), (i + n, i + n)):
             emm[r, s] = p[:n]
         ez, ezz = p * eu, emm * euu
@@ -299,7 +301,7 @@ def estimator(name: str, old: nn.Module, x: torch.Tensor, *, y: torch.Tensor | N
         return lambda net: fsd(old, net, coreset, metric, outputs)
     if classwise and y is None:
         raise ValueError("class-wise statistics need the labels y")
-    groups = [y == c for c in torch.unique(y)] if classwise else [torch.ones(len(x), dtype=torch.bool)]
+    groups = [y == c for c in torch.unique(y)] if classwise else [torch.ones(len(x), dtype=torch.bool, device=x.device)]
     per_group, shape = max(n_samples // len(groups), 1), x.shape[1:]
     stats = []
     for mask in groups:
@@ -314,7 +316,7 @@ def estimator(name: str, old: nn.Module, x: torch.Tensor, *, y: torch.Tensor | N
     def draw(mu, chol_or_core):
         if mu is None:
             return chol_or_core
-        z = torch.randn(per_group, len(mu), generator=g, dtype=mu.dtype)
+        z = torch.randn(per_group, len(mu), generator=g, dtype=mu.dtype).to(mu.device)  # the CPU stream on any device
         return (mu + z @ chol_or_core.T).view(per_group, *shape)
 
     fixed = None if resample else [draw(mu, c) for _, mu, c in stats]
@@ -345,7 +347,8 @@ def memory(model: nn.Module, in_shape, n_coreset: int = 0) -> dict:
              for m in model.modules() if isinstance(m, nn.ReLU)]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *in_shape, dtype=next(model.parameters()).dtype))
+            p = next(model.parameters())
+            model.eval()(torch.zeros(1, *in_shape, dtype=p.dtype, device=p.device))
     finally:
         for h in hooks:
             h.remove()

@@ -154,7 +154,7 @@ def fpc(sim: torch.Tensor, n_clusters: int, selfmax_guard: bool = True) -> list[
     n = sim.shape[0]
     if sim.shape != (n, n) or not 1 <= n_clusters <= n:
         raise ValueError(f"need a square similarity matrix and 1 <= n_clusters <= n = {n}, got {n_clusters}")
-    sim = torch.as_tensor(sim, dtype=torch.float64)
+    sim = torch.as_tensor(sim).detach().to("cpu", torch.float64)  # n ≤ a class: the loop's bookkeeping is on the CPU
     if selfmax_guard:
         selfmax = torch.nonzero(self_is_max(sim)).flatten().tolist()
         if len(selfmax) <= n_clusters:

@@ -1,6 +1,7 @@
 r"""Data pruning rules (lpNTK paper, E8/E9) and the score baselines they are compared with.
 
-Every rule works per class and returns the indices to **keep** (sorted), so that each class loses the same fraction:
+Every rule works per class and returns the indices to **keep** (sorted, a CPU tensor whatever the device of the
+scores or features), so that each class loses the same fraction:
 
 - :func:`prune_clusters` — lpNTK's rule: farthest-point clusters of the within-class kernel; the redundant examples
   are those in large clusters of mutually interchangeable examples, so members (never heads) are removed at random
@@ -35,7 +36,7 @@ def _per_class(y, fraction, choose, always: bool = False):
     """Keep-indices after ``choose(members, n_remove)`` picked the removed examples of each class (called even for
     n_remove = 0 when ``always``)."""
     _check(fraction)
-    y = torch.as_tensor(y)
+    y = torch.as_tensor(y).cpu()  # the bookkeeping is on the CPU; features and kernels stay on their device
     keep = []
     for c in torch.unique(y):
         members = torch.nonzero(y == c).flatten()
@@ -52,7 +53,7 @@ def prune_random(y: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tenso
 
 def prune_lowest(scores: torch.Tensor, y: torch.Tensor, fraction: float) -> torch.Tensor:
     """Remove the ``fraction`` of each class with the lowest ``scores`` (N,) (ties: lower index first)."""
-    scores = torch.as_tensor(scores, dtype=torch.float64)
+    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
     return _per_class(y, fraction, lambda m, k: m[torch.argsort(scores[m], stable=True)[:k]].tolist())
 
 
@@ -122,7 +123,7 @@ def prune_selfmax(phi: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
     g = torch.Generator().manual_seed(seed)
 
     def choose(members, k):
-        top = self_is_max(gram(phi[members]))
+        top = self_is_max(gram(phi[members])).cpu()
         order = torch.randperm(len(members), generator=g)
         others, selfmax = order[~top[order]], order[top[order]]
         if faithful:
@@ -134,8 +135,8 @@ def prune_selfmax(phi: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
 
 def average_similarity(phi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean kernel value of each example to the examples of its own class (self included), (N,)."""
-    y = torch.as_tensor(y)
-    out = torch.empty(len(y), dtype=phi.dtype)
+    y = torch.as_tensor(y).to(phi.device)
+    out = torch.empty(len(y), dtype=phi.dtype, device=phi.device)
     for c in torch.unique(y):
         m = torch.nonzero(y == c).flatten()
         out[m] = gram(phi[m]).mean(1)

@@ -40,7 +40,7 @@ def _check_form(form):
 
 def residuals(logits: torch.Tensor, y: torch.Tensor, clamp: bool = True) -> torch.Tensor:
     """e = softmax(f) − onehot(y), (N, K). ``clamp`` keeps |e| in [1e-10, 1 − 1e-10] as the official code does."""
-    e = torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    e = torch.softmax(logits, 1) - F.one_hot(y.to(logits.device), logits.shape[1]).to(logits.dtype)
     if clamp:
         e = torch.where(e >= 0, e.clamp(_EPS, 1 - _EPS), e.clamp(-(1 - _EPS), -_EPS))
     return e

@@ -1,7 +1,10 @@
 """The paper profile of every notebook, shrunk (params/shrunk/<id>.yaml): same models, optimisers and code path on
 tiny data, so that the paper profile cannot silently rot while no GPU runs it. Only that it runs end to end and
-writes its claims is checked: the numbers of a one-epoch run mean nothing."""
+writes its claims is checked: the numbers of a one-epoch run mean nothing.
+
+``make smoke DEVICE=cuda`` runs the same tests on a GPU (``MPE_SMOKE_DEVICE``), where device mix-ups show."""
 import json
+import os
 
 import pytest
 import yaml
@@ -20,7 +23,8 @@ def test_shrunk_paper_profile_runs(nb, variant, tmp_path, monkeypatch):
     assert set(shrunk) - set(paper) <= set(harness._parameters(harness.repo_root() / nb))
     monkeypatch.setenv("MPE_FIGURES_DIR", str(tmp_path))
     monkeypatch.setenv("MPE_RESULTS_DIR", str(tmp_path / "cache"))
-    harness.run(nb, "paper", "cpu", output=tmp_path / "out.ipynb", shrunk=True, variant=variant)
+    device = os.environ.get("MPE_SMOKE_DEVICE", "cpu")
+    harness.run(nb, "paper", device, output=tmp_path / "out.ipynb", shrunk=True, variant=variant)
     claims = json.loads((tmp_path / "paper" / f"{fig_id}.json").read_text())
     assert claims["profile"] == "paper" and claims["claims"] and claims["id"] == fig_id
     assert (tmp_path / "paper" / f"{fig_id}.png").exists()
