@@ -9,6 +9,10 @@ EXECUTED  := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
 PAPERS    := mpe lpntk regularity laftr
 QUICK_DATA := fmnist  # real data the quick profile reads besides the embedded sets
 PARAMS    ?=          # notebook parameters for figures: PARAMS='-p n_train 500' (checked against the notebook)
+# Where torch==2.13.0 comes from. Empty: the default index, i.e. the CPU build this project pins. For a GPU, the CUDA
+# build from PyTorch's index, e.g. make env TORCH_INDEX=https://download.pytorch.org/whl/cu128 (pick the CUDA version
+# your driver supports); the pin stays the same version, so the stored results compare like with like.
+TORCH_INDEX ?=
 
 .PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels smoke unit lab references data clean
 .DEFAULT_GOAL := help
@@ -25,14 +29,15 @@ help:  ## list the targets
 	@echo "make references        re-execute notebooks in place: refresh the stored nbval references"
 	@echo "make data-quick        provide and verify what the quick profile needs (Fashion-MNIST; run by figures and test)"
 	@echo "make data              download and verify MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100, Jiang's C-scores (needs internet)"
-	@echo "make env               create .venv (torch CPU build pinned first)"
+	@echo "make env [TORCH_INDEX=https://download.pytorch.org/whl/cu128]  create .venv (torch pinned first: CPU build, or CUDA)"
 	@echo "make clean             remove build products and caches (keeps figures/ and downloaded data)"
 
 .venv/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU build on disk, so that nothing later pulls CUDA wheels
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	# torch first, pinned (the CPU build unless TORCH_INDEX names a CUDA index), so that nothing later pulls other wheels
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev]'
 	touch $@
 
@@ -43,13 +48,15 @@ env: .venv/.installed
 data-quick: env
 	$(PY) -m mpe.data provision $(QUICK_DATA)
 
+# -k: a failing notebook does not stop the others; the summary then lists what failed and why (status column of
+# figures/<profile>/SUMMARY.md), and the target fails.
 figures: env data-quick
-	$(MAKE) -j$(JOBS) --no-print-directory $(EXECUTED)
-	$(PY) -m mpe.harness summary --profile $(PROFILE)
+	@$(MAKE) -k -j$(JOBS) --no-print-directory $(EXECUTED); rc=$$?; \
+	$(PY) -m mpe.harness summary --profile $(PROFILE); exit $$rc
 
 $(addprefix figures-,$(PAPERS)): figures-%: env data-quick
-	$(MAKE) -j$(JOBS) --no-print-directory $(filter build/$(PROFILE)/$*/%,$(EXECUTED))
-	$(PY) -m mpe.harness summary --profile $(PROFILE)
+	@$(MAKE) -k -j$(JOBS) --no-print-directory $(filter build/$(PROFILE)/$*/%,$(EXECUTED)); rc=$$?; \
+	$(PY) -m mpe.harness summary --profile $(PROFILE); exit $$rc
 
 build/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(wildcard mpe/*.py) $(wildcard params/paper/*.yaml) | env
 	$(PY) -m mpe.harness run $< --profile $(PROFILE) --device $(DEVICE) $(PARAMS)

@@ -307,14 +307,28 @@ def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Pat
     if profile == "quick" or shrunk:
         os.environ.setdefault("MPE_OFFLINE", "1")
     start = time.perf_counter()
-    pm.execute_notebook(str(nb), str(output), parameters=params, kernel_name="python3", cwd=str(nb.parent),
-                        progress_bar=False)
+    error = None
+    try:
+        pm.execute_notebook(str(nb), str(output), parameters=params, kernel_name="python3", cwd=str(nb.parent),
+                            progress_bar=False)
+    except Exception as err:  # recorded for the summary, then raised
+        error = err
     elapsed = time.perf_counter() - start
     claims = figures_dir(profile) / f"{fig_id}.json"
     data = json.loads(claims.read_text()) if claims.exists() else {"id": fig_id, "profile": profile, "claims": []}
-    data["runtime_s"] = round(elapsed, 1)
+    data |= {"runtime_s": round(elapsed, 1), "status": "ok" if error is None else "failed"}
+    data.pop("error", None)
+    if error is not None:
+        # papermill's error names the cell's exception; the claims left in the file are an earlier run's
+        data["error"] = (f"{error.ename}: {error.evalue}" if hasattr(error, "ename") else f"{type(error).__name__}: {error}")[:300]
     claims.parent.mkdir(parents=True, exist_ok=True)
     claims.write_text(json.dumps(data, indent=1) + "\n")
+    if error is not None:  # kept under another name, so that make does not take the target as built
+        failed = output.with_suffix(".failed.ipynb")
+        if output.exists():
+            output.replace(failed)
+        raise RuntimeError(f"{fig_id} failed after {elapsed:.0f} s ({data['error']}); the executed notebook, with the "
+                           f"traceback, is {failed}") from error
     print(f"{fig_id}: {elapsed:.0f} s")
     return output
 
@@ -439,20 +453,31 @@ def summary(profile: str = "quick") -> Path:
              "or taken from the official code); companion checks are our extra checks; sanity checks (true by",
              "construction) are not counted. R = reproduced, NR = not reproduced, I = inconclusive (the interval straddles",
              "the threshold), NT = not testable here.", "",
-             "| figure | notebook | run time (s) | paper claims R / NR / I / NT | companion checks R / NR / I / NT |",
-             "|---|---|---|---|---|"]
+             "A failed run's claims (an earlier run's, if any) are not counted; its status names the error.", "",
+             "| figure | notebook | status | run time (s) | paper claims R / NR / I / NT | companion checks R / NR / I / NT |",
+             "|---|---|---|---|---|---|"]
     by_id = {figure_id(notebook_id(p), v): p for p in notebooks() for v in ["", *variants(notebook_id(p))]}
-    rows = []
+    rows, failed = [], []
     for f in sorted(out.glob("*.json")):
         data = json.loads(f.read_text())
         if "claims" not in data:
             continue
-        rows += data["claims"]
-        c = claim_counts(data["claims"])
-        cells = [" / ".join(str(n) for n in g.values()) for g in c.values()]
-        lines.append(f"| {data['id']} | {by_id.get(data['id'], '')} | {data.get('runtime_s')} | " + " | ".join(cells) + " |")
+        status = data.get("status", "ok")
+        if status == "failed":
+            failed.append(f"{data['id']}: {data.get('error', '')}")
+            cells = ["—", "—"]
+            status = "failed: " + data.get("error", "").replace("|", "/").replace("\n", " ")[:120]
+        else:
+            rows += data["claims"]
+            cells = [" / ".join(str(n) for n in g.values()) for g in claim_counts(data["claims"]).values()]
+        lines.append(f"| {data['id']} | {by_id.get(data['id'], '')} | {status} | {data.get('runtime_s')} | "
+                     + " | ".join(cells) + " |")
     total = headline(claim_counts(rows))
     lines[1:1] = ["", f"**All notebooks** — {total}."]
+    if failed:
+        lines[3:3] = ["", f"**Failed**: {len(failed)} ({', '.join(x.split(':')[0] for x in failed)})."]
+    for x in failed:
+        print(f"FAILED {x}", file=sys.stderr)
     path = out / "SUMMARY.md"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -498,8 +523,15 @@ def main(argv=None) -> int:
             import yaml
 
             overrides = {name: yaml.safe_load(value) for name, value in a.parameter}
-            for v in todo:
-                run(a.notebook, a.profile, a.device, shrunk=a.shrunk, variant=v, overrides=overrides)
+            failed = []
+            for v in todo:  # a failing variant does not stop the others
+                try:
+                    run(a.notebook, a.profile, a.device, shrunk=a.shrunk, variant=v, overrides=overrides)
+                except RuntimeError as err:
+                    print(f"error: {err}", file=sys.stderr)
+                    failed.append(v or "main")
+            if failed:
+                return 1
         elif a.cmd == "references":
             references(a.notebooks)
         elif a.cmd == "compare":

@@ -56,8 +56,41 @@ def test_claims_verdicts_follow_the_interval_and_json(tmp_path, monkeypatch, cap
     (tmp_path / "quick" / "mpe-test.json").write_text(json.dumps(dict(json.loads(c.path.read_text()), runtime_s=3.5)))
     text = harness.summary("quick").read_text()
     # paper claims (paper + reconstructed): 1 R, 1 NR, 1 I, 1 NT; companion: 1 I; the sanity row is not counted
-    assert "| mpe-test |  | 3.5 | 1 / 1 / 1 / 1 | 0 / 0 / 1 / 0 |" in text
+    assert "| mpe-test |  | ok | 3.5 | 1 / 1 / 1 / 1 | 0 / 0 / 1 / 0 |" in text
     assert "paper claims: 1 reproduced, 1 not reproduced, 1 inconclusive, 1 not testable here" in text
+
+
+def test_a_failing_notebook_is_recorded_and_its_old_claims_not_counted(tmp_path, monkeypatch, capsys):
+    """run() records the failure (status, the cell's exception) beside the claims, keeps the executed notebook under
+    *.failed.ipynb (so make does not take it as built) and raises; the summary lists it and does not count the claims
+    an earlier run left."""
+    import papermill as pm
+
+    monkeypatch.setenv("MPE_FIGURES_DIR", str(tmp_path))
+    nb = "notebooks/mpe/theorems_exact_cases.ipynb"
+    c = harness.Claims("mpe-theorems", "quick")
+    c.add("from an earlier run", stats.exact(1.0), ">=", 0.5, source="paper")
+    out = tmp_path / "run.ipynb"
+
+    def broken(src, dst, **kw):
+        Path(dst).write_text("{}")
+        err = pm.PapermillExecutionError(3, 1, "1 / 0", "ZeroDivisionError", "division by zero", [])
+        raise err
+
+    monkeypatch.setattr(pm, "execute_notebook", broken)
+    with pytest.raises(RuntimeError, match="mpe-theorems failed .*ZeroDivisionError: division by zero.*failed.ipynb"):
+        harness.run(nb, output=out)
+    assert not out.exists() and out.with_suffix(".failed.ipynb").exists()
+    data = json.loads((tmp_path / "quick" / "mpe-theorems.json").read_text())
+    assert data["status"] == "failed" and data["error"] == "ZeroDivisionError: division by zero"
+    text = harness.summary("quick").read_text()
+    assert "| mpe-theorems |" in text and "| failed: ZeroDivisionError: division by zero |" in text
+    assert "**Failed**: 1 (mpe-theorems)" in text and "paper claims: 0 reproduced" in text
+    assert "FAILED mpe-theorems: ZeroDivisionError" in capsys.readouterr().err
+    monkeypatch.setattr(pm, "execute_notebook", lambda src, dst, **kw: Path(dst).write_text("{}"))
+    harness.run(nb, output=out)  # a later success clears the error
+    data = json.loads((tmp_path / "quick" / "mpe-theorems.json").read_text())
+    assert data["status"] == "ok" and "error" not in data
 
 
 def test_printed_claims_are_stable_after_sanitising(tmp_path, monkeypatch, capsys):
