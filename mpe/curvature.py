@@ -28,8 +28,14 @@ __all__ = ["jacobians", "per_example_grads", "softmax_hessian", "sqrt_softmax_he
            "ivon_posterior", "adam_posterior", "predictive_covariance", "whitened_jacobians", "auto_chunk"]
 
 
-def auto_chunk(k: int, p: int, budget: float = 5e7) -> int:
-    """Examples per Jacobian chunk so that a (chunk, K, P) tensor holds about ``budget`` floats."""
+def auto_chunk(k: int, p: int, budget: float | None = None, device=None) -> int:
+    """Examples per Jacobian chunk so that a (chunk, K, P) tensor holds about ``budget`` floats: by default 5·10⁷
+    (200 MB) on the CPU, and on a GPU a sixteenth of its free memory if that is more (the transforms' intermediates
+    take several times the result)."""
+    if budget is None:
+        budget = 5e7
+        if device is not None and torch.device(device).type == "cuda":
+            budget = max(budget, torch.cuda.mem_get_info(device)[0] / 4 / 16)
     return max(1, int(budget // max(k * p, 1)))
 
 
@@ -57,7 +63,7 @@ def jacobians(model: nn.Module, x: torch.Tensor, chunk: int | None = None):
     with torch.no_grad():
         k = model(x[:1].to(device)).shape[1]
     p = sum(v.numel() for v in params.values())
-    chunk = chunk or auto_chunk(k, p)
+    chunk = chunk or auto_chunk(k, p, device=device)
     try:
         for start in range(0, len(x), chunk):
             xb = x[start:start + chunk].to(device)

@@ -19,7 +19,8 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from .curvature import _functional, jacobians
 
-__all__ = ["KINDS", "signs", "count_sketch", "features", "gram", "entk_blocks", "delta_q", "two_layer_relu_entk", "fpc"]
+__all__ = ["KINDS", "signs", "count_sketch", "features", "gram", "kernel_statistics", "entk_blocks", "delta_q",
+           "two_layer_relu_entk", "fpc"]
 
 KINDS = ("lpntk", "pntk")
 
@@ -85,11 +86,69 @@ def gram(phi_a: torch.Tensor, phi_b: torch.Tensor | None = None, block: int = 10
     return torch.cat([phi_a[i:i + block] @ phi_b.T for i in range(0, len(phi_a), block)])
 
 
-def entk_blocks(model, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-    """Θ(x_a, x_b) = J(x_a) J(x_b)ᵀ for all pairs, (Na, Nb, K, K); model in eval mode. For small sets."""
-    Ja = torch.cat([j for _, j in jacobians(model, xa)])
-    Jb = Ja if xb is xa else torch.cat([j for _, j in jacobians(model, xb)])
-    return torch.einsum("akp,blp->abkl", Ja, Jb)
+def kernel_statistics(phi: torch.Tensor, y: torch.Tensor, *, zero_threshold: float, top_k: int, block: int = 1024,
+                      max_pairs: int = 10_000_000, seed: int = 0) -> dict:
+    r"""Statistics of κ = ΦΦᵀ (Φ (N, P): features on any device) one row block at a time, so that neither the N×N
+    kernel nor its N(N+1)/2 pair indices ever exist (at N = 60,000 those would take 14 GB and 29 GB):
+
+    - ``positive``, ``negative``, ``zero``: shares of the pairs i ≤ j with κ_ij > t, < −t, |κ_ij| ≤ t (t =
+      ``zero_threshold``);
+    - ``selfmax_full`` / ``selfmax_upper`` (N,) bool: κ_ii is the maximum of row i over all j / over j ≥ i (the
+      official code's upper triangle);
+    - ``negative_per_example`` (N,): the share of partners j ≠ i with κ_ij < −t;
+    - ``same_class_top_k``: the share of the ``top_k`` most similar partners (j ≠ i) with i's label;
+    - ``pairs``: the values κ_ij, i ≤ j, in row-major order — all of them when there are at most ``max_pairs``,
+      else a uniform random subset of about ``max_pairs`` (for histograms).
+
+    Everything returned is on the CPU."""
+    n = len(phi)
+    y = torch.as_tensor(y).to(phi.device)
+    total = n * (n + 1) // 2
+    keep_share = min(1.0, max_pairs / total)
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(3, dtype=torch.float64)
+    out = {k: [] for k in ("selfmax_full", "selfmax_upper", "negative_per_example", "pairs")}
+    same = 0.0
+    for i0 in range(0, n, block):
+        K = phi[i0:i0 + block] @ phi.T  # (B, N)
+        rows = torch.arange(i0, i0 + len(K), device=K.device)
+        cols = torch.arange(n, device=K.device)
+        diag = K[torch.arange(len(K), device=K.device), rows]
+        upper = cols[None, :] >= rows[:, None]
+        vals = K[upper]  # row-major: row i, then j = i..N-1
+        counts += torch.stack([(vals > zero_threshold).sum(), (vals < -zero_threshold).sum(),
+                               (vals.abs() <= zero_threshold).sum()]).double().cpu()
+        out["selfmax_full"].append((diag >= K.max(1).values).cpu())
+        out["selfmax_upper"].append((diag >= K.masked_fill(~upper, -float("inf")).max(1).values).cpu())
+        off = K.clone()
+        off[torch.arange(len(K), device=K.device), rows] = -float("inf")
+        negative = (K < -zero_threshold).sum(1) - (diag < -zero_threshold).long()  # partners j != i
+        out["negative_per_example"].append((negative.double() / max(n - 1, 1)).cpu())
+        nearest = off.topk(min(top_k, n - 1), 1).indices
+        same += (y[nearest] == y[rows][:, None]).double().sum().item()
+        if keep_share < 1:
+            vals = vals[(torch.rand(len(vals), generator=g) < keep_share).to(vals.device)]
+        out["pairs"].append(vals.cpu())
+    res = {k: torch.cat(v) for k, v in out.items()}
+    res |= dict(zip(("positive", "negative", "zero"), (counts / total).tolist()))
+    res["same_class_top_k"] = same / (n * min(top_k, n - 1))
+    return res
+
+
+def entk_blocks(model, xa: torch.Tensor, xb: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Θ(x_a, x_b) = J(x_a) J(x_b)ᵀ for all pairs, (Na, Nb, K, K); model in eval mode. The Jacobians (chunk, K, P) are
+    formed ``chunk`` examples at a time (:func:`mpe.curvature.auto_chunk` by default), those of x_b again for each
+    chunk of x_a when both do not fit in one: memory O(chunk·K·P + Na·Nb·K²)."""
+    out = None
+    for sa, Ja in jacobians(model, xa, chunk):
+        if out is None:
+            out = Ja.new_empty(len(xa), len(xb), Ja.shape[1], Ja.shape[1])
+        if xb is xa and sa.start == 0 and sa.stop == len(xa):  # everything in one chunk
+            out[:] = torch.einsum("akp,blp->abkl", Ja, Ja)
+            break
+        for sb, Jb in jacobians(model, xb, chunk):
+            out[sa, sb] = torch.einsum("akp,blp->abkl", Ja, Jb)
+    return out
 
 
 def delta_q(model, x_o: torch.Tensor, x_b: torch.Tensor, y_b: torch.Tensor, lr: float) -> torch.Tensor:

@@ -75,6 +75,8 @@ def test_lpntk_routines(foreign):
     phi = kernels.features(net, x, y)
     K = kernels.gram(phi)
     assert on_foreign(phi) and on_foreign(K) and on_foreign(kernels.features(net, x, y, sketch=32))
+    ks = kernels.kernel_statistics(phi, y, zero_threshold=0.1, top_k=3, block=5)
+    assert not any(on_foreign(v) for v in ks.values())  # returned on the CPU, as documented
     clusters = kernels.fpc(K[:8, :8], 3)
     assert all(isinstance(h, int) for h, _ in clusters)
     for keep in (pruning.prune_clusters(phi, y, 0.5), pruning.prune_selfmax(phi, y, 0.5),

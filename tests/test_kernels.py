@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from mpe.kernels import count_sketch, delta_q, entk_blocks, features, fpc, gram, signs, two_layer_relu_entk
+from mpe.kernels import (count_sketch, delta_q, entk_blocks, features, fpc, gram, kernel_statistics, signs,
+                         two_layer_relu_entk)
 from mpe.train import flat_params, set_flat_params
 
 
@@ -96,3 +97,66 @@ def test_fpc_reproduces_the_official_toy_case():
     assert fpc(sim, 3) == [(0, [0]), (2, [2]), (3, [3])]
     with pytest.raises(ValueError, match="n_clusters"):
         fpc(sim, 5)
+
+
+def test_blockwise_kernel_statistics_equal_the_full_kernel_ones():
+    """kernel_statistics (row blocks, no N×N kernel) against the statistics of the full Gram matrix, brute force."""
+    g = torch.Generator().manual_seed(0)
+    n, t, k = 53, 0.5, 4
+    phi, y = torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    K = phi @ phi.T
+    iu = torch.triu_indices(n, n)
+    pairs = K[iu[0], iu[1]]
+    off = K.clone().fill_diagonal_(-float("inf"))
+    s = kernel_statistics(phi, y, zero_threshold=t, top_k=k, block=7)
+    assert torch.allclose(s["pairs"], pairs)  # row-major order; blocks round differently in the last bit
+    assert s["positive"] == pytest.approx((pairs > t).double().mean().item())
+    assert s["negative"] == pytest.approx((pairs < -t).double().mean().item())
+    assert s["zero"] == pytest.approx((pairs.abs() <= t).double().mean().item())
+    assert torch.equal(s["selfmax_full"], K.diagonal() >= K.max(1).values)
+    assert torch.equal(s["selfmax_upper"], K.diagonal() >= torch.triu(K).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).tril(-1), -float("inf")).max(1).values)
+    without_self = K.clone().fill_diagonal_(float("nan"))
+    assert torch.allclose(s["negative_per_example"], (without_self < -t).double().sum(1) / (n - 1))
+    s_neg = kernel_statistics(phi, y, zero_threshold=-1e9, top_k=k, block=7)  # every partner counts as negative
+    assert torch.allclose(s_neg["negative_per_example"], torch.ones(n, dtype=torch.float64))
+    assert s["same_class_top_k"] == pytest.approx((y[off.topk(k, 1).indices] == y[:, None]).double().mean().item())
+    sub = kernel_statistics(phi, y, zero_threshold=t, top_k=k, block=7, max_pairs=300)
+    assert 200 < len(sub["pairs"]) < 400 and torch.isin(sub["pairs"].round(decimals=6), pairs.round(decimals=6)).all()
+
+
+class _LargestTensor(torch.overrides.TorchFunctionMode):
+    """Records the largest tensor any torch call returns (numel): a deterministic stand-in for peak memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_big_routes_never_form_the_full_kernel_or_all_jacobians():
+    """kernel_statistics holds one (block, N) slice of the kernel, never N×N; entk_blocks in chunks holds the Jacobians
+    of 2 chunks, never all of them, and gives the same blocks."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    phi, y = torch.randn(n, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+    with _LargestTensor() as rec:
+        kernel_statistics(phi, y, zero_threshold=0.1, top_k=5, block=25, max_pairs=1000)
+    assert rec.largest <= 25 * n  # a row block of the kernel (the full kernel would be 400 × 400)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    xa, xb = torch.randn(9, 6, generator=g), torch.randn(5, 6, generator=g)
+    p = sum(q.numel() for q in net.parameters())
+    with _LargestTensor() as rec:
+        chunked = entk_blocks(net, xa, xb, chunk=2)
+    assert rec.largest < 9 * 3 * p  # never all Jacobians of x_a at once (9·K·P)
+    with _LargestTensor() as rec:
+        whole = entk_blocks(net, xa, xb)
+    assert rec.largest >= 9 * 3 * p  # one chunk: the measure sees them
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(entk_blocks(net, xa, xa, chunk=4), entk_blocks(net, xa, xa))
