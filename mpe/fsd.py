@@ -234,7 +234,8 @@ def quadratic(model0: nn.Module, x: torch.Tensor, form: str = "diag", outputs=No
 
     Ĝ is the KL metric's Gauss-Newton (Fisher) matrix of ``model0`` (restricted to the head ``outputs``) averaged
     over x, computed once here: "diag" (EWC; P numbers) or "kfac" (per Linear/Conv2d layer (1/T) A ⊗ G from
-    :func:`mpe.curvature.kfac_factors`). Returns ``penalty(model1) -> scalar``, differentiable in ``model1``."""
+    :func:`mpe.curvature.kfac_factors`). Returns ``penalty(model1) -> scalar``, differentiable in ``model1``, with
+    ``penalty.solve(v, λ)`` = (Ĝ + λI)⁻¹ v for a flat v (P,) in ``parameters()`` order, exact for either form."""
     from .curvature import ggn_diag_linear, kfac_factors
 
     theta0 = [p.detach().clone() for p in model0.parameters()]
@@ -245,6 +246,10 @@ def quadratic(model0: nn.Module, x: torch.Tensor, form: str = "diag", outputs=No
         def penalty(model1):
             d = torch.cat([(p1 - p0).reshape(-1) for p0, p1 in zip(theta0, model1.parameters())])
             return 0.5 * (g * d.pow(2)).sum()
+
+        def solve(v, damping):  # (Ĝ + λI)⁻¹ v, v flat (P,)
+            return v / (g.to(v.dtype) + damping)
+        penalty.solve = solve
         return penalty
     if form == "kfac":
         layers = [m for m in model0.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -260,6 +265,25 @@ def quadratic(model0: nn.Module, x: torch.Tensor, form: str = "diag", outputs=No
                     dw = torch.cat([dw, (params[b] - theta0[b])[:, None]], 1)
                 total = total + torch.trace(G @ dw @ A @ dw.T) / count
             return 0.5 * total / len(x)  # the factors approximate the GGN summed over the examples
+
+        eig = [(torch.linalg.eigh(A), torch.linalg.eigh(G), count * len(x)) for A, G, count in factors]
+        sizes = [p.numel() for p in theta0]
+        if sum(theta0[w].numel() + (0 if b is None else theta0[b].numel()) for w, b in slots) != sum(sizes):
+            raise NotImplementedError("K-FAC covers Linear and Conv2d layers only; the model has other parameters")
+
+        def solve(v, damping):  # (Ĝ + λI)⁻¹ v blockwise: vec(dW) ↦ Q_G [(Q_Gᵀ R Q_A) / (λ_G λ_Aᵀ / s + λ)] Q_Aᵀ
+            parts, out = list(torch.split(v, sizes)), [None] * len(sizes)
+            for (w, b), ((la, qa), (lg, qg), s) in zip(slots, eig):
+                r = parts[w].reshape(theta0[w].shape[0], -1)
+                if b is not None:
+                    r = torch.cat([r, parts[b][:, None]], 1)
+                qa, qg, la, lg = (t.to(v.dtype) for t in (qa, qg, la, lg))
+                dw = qg @ ((qg.T @ r @ qa) / (lg[:, None] * la[None, :] / s + damping)) @ qa.T
+                out[w] = (dw[:, :-1] if b is not None else dw).reshape(-1)
+                if b is not None:
+                    out[b] = dw[:, -1]
+            return torch.cat(out)
+        penalty.solve = solve
         return penalty
     raise ValueError(f"unknown form {form!r}; valid choices: diag, kfac")
 

@@ -14,6 +14,7 @@ L(f(x_m, θ_m), y_m) − L(f(x_m, θˢ), y_m) ranks examples that the network me
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -26,24 +27,64 @@ DATA_TERMS = ("true", "laftr", "laftr_data", "ewc", "kfac", "subset")
 
 def pbrf(model: nn.Module, x_m: torch.Tensor, y_m: torch.Tensor, data_term, *, eps: float, damping: float = 1e-3,
          steps: int = 50) -> nn.Module:
-    r"""Solve the PBRF for the example(s) (x_m (B, ...), y_m (B,)) from θˢ = ``model``'s parameters with L-BFGS
-    (``steps`` iterations, strong-Wolfe line search); ``data_term(net) -> scalar`` must be deterministic (fix any
-    samples). Returns a new model at θ_m; ``model`` is not changed."""
+    r"""Solve the PBRF for the example(s) (x_m (B, ...), y_m (B,)) from θˢ = ``model``'s parameters; ``data_term(net)
+    -> scalar`` must be deterministic (fix any samples). Returns a new model at θ_m (``model`` is not changed) with
+    ``net.pbrf`` = {"route", "grad_ratio", "step", "bound", "diverged"}.
+
+    - A quadratic data term ½ΔθᵀĜΔθ (EWC, K-FAC: it has ``data_term.solve``) makes the objective unbounded below for
+      a multi-layer net — the logits grow faster than quadratically in Δθ, so −εL falls faster than the term rises.
+      Its PBRF is then taken with the loss linearised at θˢ (linear response), exactly:
+      Δθ = ε (Ĝ + λI)⁻¹ g, g = ∇_θ L(x_m, y_m; θˢ).
+    - Any other term: L-BFGS (``steps`` iterations, strong-Wolfe line search). The objective is unbounded below for
+      a multi-layer net with these terms too (the logits grow polynomially in Δθ, the proximal term quadratically),
+      and L-BFGS can run away along such a direction: a solve that ends outside the radius 10 ε‖g‖/λ (ε‖g‖/λ bounds
+      the step for any convex data term) counts as diverged.
+
+    Checks at the returned point: ``grad_ratio`` = ‖∇obj(θ_m)‖ / ‖∇obj(θˢ)‖ (small at a converged L-BFGS solve), and
+    ``diverged`` when the solve ended outside that radius or a value is not finite."""
     if eps <= 0 or damping < 0 or steps < 1:
         raise ValueError(f"need eps > 0, damping >= 0 and steps >= 1, got {eps}, {damping}, {steps}")
     net = copy.deepcopy(model).eval()
     theta_s = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.LBFGS(net.parameters(), max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-10, tolerance_change=1e-14)
 
-    def closure():
-        opt.zero_grad()
+    def objective():
         prox = sum(((p - p0) ** 2).sum() for p, p0 in zip(net.parameters(), theta_s))
-        obj = data_term(net) - eps * F.cross_entropy(net(x_m), y_m, reduction="sum") + 0.5 * damping * prox
-        obj.backward()
-        return obj
+        return data_term(net) - eps * F.cross_entropy(net(x_m), y_m, reduction="sum") + 0.5 * damping * prox
 
-    opt.step(closure)
+    def grad_norm():
+        net.zero_grad()
+        objective().backward()
+        return torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters())).item()
+
+    g = torch.autograd.grad(F.cross_entropy(net(x_m), y_m, reduction="sum"), list(net.parameters()))
+    g = torch.cat([t.reshape(-1) for t in g])
+    g0 = eps * g.norm().item()  # ‖∇obj(θˢ)‖: the data term and the proximal term are flat there
+    solve = getattr(data_term, "solve", None)
+    if solve is not None:
+        route = "linear response"
+        step = eps * solve(g, damping)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(theta_s) + step, net.parameters())
+    else:
+        route = "L-BFGS"
+        opt = torch.optim.LBFGS(net.parameters(), max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-10, tolerance_change=1e-14)
+
+        def closure():
+            opt.zero_grad()
+            obj = objective()
+            obj.backward()
+            return obj
+
+        opt.step(closure)
+    with torch.no_grad():
+        moved = torch.sqrt(sum(((p - p0) ** 2).sum() for p, p0 in zip(net.parameters(), theta_s))).item()
+    bound = g0 / damping if damping > 0 else float("inf")
+    ratio = grad_norm() / g0 if g0 > 0 else 0.0
+    net.zero_grad(set_to_none=True)
+    net.pbrf = dict(route=route, grad_ratio=ratio, step=moved, bound=bound,
+                    diverged=not (math.isfinite(moved) and math.isfinite(ratio) and moved <= 10 * bound),
+                    linear_change=(g @ step).item() if solve is not None else None)  # gᵀΔθ: the loss change to first order
     return net
 
 
@@ -53,20 +94,34 @@ def _loss(net, x, y):
 
 
 def self_influence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, make_term, *, eps: float,
-                   damping: float = 1e-3, steps: int = 50, progress: bool = False) -> torch.Tensor:
-    """Self-influence (N,) of each example of (x, y): the rise of its own loss at its PBRF solution.
-    ``make_term(i) -> data_term`` builds the data term for example i (e.g. the same estimate for all)."""
+                   damping: float = 1e-3, steps: int = 50, progress: bool = False, report: dict | None = None
+                   ) -> torch.Tensor:
+    """Self-influence (N,) of each example of (x, y): the rise of its own loss at its PBRF solution (:func:`pbrf`) —
+    for a quadratic data term the linear response ε gᵀ(Ĝ + λI)⁻¹g — and NaN where the solve diverged. ``make_term(i) -> data_term`` builds the data term for example i (e.g. the same
+    estimate for all). ``report``, if given, receives the per-example checks: "grad_ratio" (N,), "diverged" (N,)
+    bool and "route"."""
     model.eval()
     base = _loss(model, x, y)
-    out = torch.empty(len(x))
+    out, ratio = torch.empty(len(x)), torch.empty(len(x), dtype=torch.float64)
+    diverged = torch.zeros(len(x), dtype=torch.bool)
     it = range(len(x))
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="PBRF solves", leave=False)
+    route = None
     for i in it:
         net = pbrf(model, x[i:i + 1], y[i:i + 1], make_term(i), eps=eps, damping=damping, steps=steps)
-        out[i] = _loss(net, x[i:i + 1], y[i:i + 1])[0] - base[i]
+        info, route = net.pbrf, net.pbrf["route"]
+        ratio[i], diverged[i] = info["grad_ratio"], info["diverged"]
+        if info["diverged"]:
+            out[i] = float("nan")
+        elif info["linear_change"] is not None:  # linear response: ε gᵀ(Ĝ + λI)⁻¹g
+            out[i] = info["linear_change"]
+        else:
+            out[i] = _loss(net, x[i:i + 1], y[i:i + 1])[0] - base[i]
+    if report is not None:
+        report.update(grad_ratio=ratio, diverged=diverged, route=route)
     return out
 
 
