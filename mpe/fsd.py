@@ -266,12 +266,13 @@ def quadratic(model0: nn.Module, x: torch.Tensor, form: str = "diag", outputs=No
                 total = total + torch.trace(G @ dw @ A @ dw.T) / count
             return 0.5 * total / len(x)  # the factors approximate the GGN summed over the examples
 
-        eig = [(torch.linalg.eigh(A), torch.linalg.eigh(G), count * len(x)) for A, G, count in factors]
-        sizes = [p.numel() for p in theta0]
-        if sum(theta0[w].numel() + (0 if b is None else theta0[b].numel()) for w, b in slots) != sum(sizes):
-            raise NotImplementedError("K-FAC covers Linear and Conv2d layers only; the model has other parameters")
+        sizes, eig = [p.numel() for p in theta0], []
 
         def solve(v, damping):  # (Ĝ + λI)⁻¹ v blockwise: vec(dW) ↦ Q_G [(Q_Gᵀ R Q_A) / (λ_G λ_Aᵀ / s + λ)] Q_Aᵀ
+            if sum(theta0[w].numel() + (0 if b is None else theta0[b].numel()) for w, b in slots) != sum(sizes):
+                raise NotImplementedError("K-FAC covers Linear and Conv2d layers only; the model has other parameters")
+            if not eig:  # the factors' eigenbases, once
+                eig.extend((torch.linalg.eigh(A), torch.linalg.eigh(G), count * len(x)) for A, G, count in factors)
             parts, out = list(torch.split(v, sizes)), [None] * len(sizes)
             for (w, b), ((la, qa), (lg, qg), s) in zip(slots, eig):
                 r = parts[w].reshape(theta0[w].shape[0], -1)
