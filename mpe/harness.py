@@ -320,7 +320,8 @@ def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Pat
     data.pop("error", None)
     if error is not None:
         # papermill's error names the cell's exception; the claims left in the file are an earlier run's
-        data["error"] = (f"{error.ename}: {error.evalue}" if hasattr(error, "ename") else f"{type(error).__name__}: {error}")[:300]
+        what = f"{error.ename}: {error.evalue}" if hasattr(error, "ename") else f"{type(error).__name__}: {error}"
+        data["error"] = what[:300]
     claims.parent.mkdir(parents=True, exist_ok=True)
     claims.write_text(json.dumps(data, indent=1) + "\n")
     if error is not None:  # kept under another name, so that make does not take the target as built

@@ -29,7 +29,8 @@ def pbrf(model: nn.Module, x_m: torch.Tensor, y_m: torch.Tensor, data_term, *, e
          steps: int = 50) -> nn.Module:
     r"""Solve the PBRF for the example(s) (x_m (B, ...), y_m (B,)) from θˢ = ``model``'s parameters; ``data_term(net)
     -> scalar`` must be deterministic (fix any samples). Returns a new model at θ_m (``model`` is not changed) with
-    ``net.pbrf`` = {"route", "grad_ratio", "step", "bound", "diverged"}.
+    ``net.pbrf`` = {"route", "grad_ratio", "step", "bound", "diverged", "linear_change"} (the last: gᵀΔθ for the
+    linear response, else None).
 
     - A quadratic data term ½ΔθᵀĜΔθ (EWC, K-FAC: it has ``data_term.solve``) makes the objective unbounded below for
       a multi-layer net — the logits grow faster than quadratically in Δθ, so −εL falls faster than the term rises.
@@ -40,8 +41,8 @@ def pbrf(model: nn.Module, x_m: torch.Tensor, y_m: torch.Tensor, data_term, *, e
       and L-BFGS can run away along such a direction: a solve that ends outside the radius 10 ε‖g‖/λ (ε‖g‖/λ bounds
       the step for any convex data term) counts as diverged.
 
-    Checks at the returned point: ``grad_ratio`` = ‖∇obj(θ_m)‖ / ‖∇obj(θˢ)‖ (small at a converged L-BFGS solve), and
-    ``diverged`` when the solve ended outside that radius or a value is not finite."""
+    Checks at the returned point: ``grad_ratio`` = ‖∇obj(θ_m)‖ / ‖∇obj(θˢ)‖ (small at a converged L-BFGS solve),
+    and ``diverged`` when the solve ended outside that radius or a value is not finite."""
     if eps <= 0 or damping < 0 or steps < 1:
         raise ValueError(f"need eps > 0, damping >= 0 and steps >= 1, got {eps}, {damping}, {steps}")
     net = copy.deepcopy(model).eval()
@@ -97,9 +98,9 @@ def self_influence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, make_term
                    damping: float = 1e-3, steps: int = 50, progress: bool = False, report: dict | None = None
                    ) -> torch.Tensor:
     """Self-influence (N,) of each example of (x, y): the rise of its own loss at its PBRF solution (:func:`pbrf`) —
-    for a quadratic data term the linear response ε gᵀ(Ĝ + λI)⁻¹g — and NaN where the solve diverged. ``make_term(i) -> data_term`` builds the data term for example i (e.g. the same
-    estimate for all). ``report``, if given, receives the per-example checks: "grad_ratio" (N,), "diverged" (N,)
-    bool and "route"."""
+    for a quadratic data term the linear response ε gᵀ(Ĝ + λI)⁻¹g — and NaN where the solve diverged.
+    ``make_term(i) -> data_term`` builds the data term for example i (e.g. the same estimate for all). ``report``, if
+    given, receives the per-example checks: "grad_ratio" (N,), "diverged" (N,) bool and "route"."""
     model.eval()
     base = _loss(model, x, y)
     out, ratio = torch.empty(len(x)), torch.empty(len(x), dtype=torch.float64)

@@ -63,10 +63,6 @@ def _wrap(t):
     return t.as_subclass(Foreign) if isinstance(t, torch.Tensor) and not isinstance(t, Foreign) else t
 
 
-def _unwrap(t):
-    return t.as_subclass(torch.Tensor) if isinstance(t, Foreign) and not t.requires_grad else t
-
-
 class ForeignDevice(TorchFunctionMode):
     """``with ForeignDevice(): model.to(FOREIGN) ...``: see the module docstring. Module parameters become Foreign
     (``torch.__future__.set_overwrite_module_params_on_conversion(True)`` while the mode is on)."""
