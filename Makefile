@@ -14,7 +14,7 @@ PARAMS    ?=          # notebook parameters for figures: PARAMS='-p n_train 500'
 # your driver supports); the pin stays the same version, so the stored results compare like with like.
 TORCH_INDEX ?=
 
-.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels smoke unit lab references data clean
+.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels smoke unit bench lab references data clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -25,6 +25,7 @@ help:  ## list the targets
 	@echo "make test-kernels      one notebook per paper under torch's portable CPU kernels (part of make test)"
 	@echo "make smoke [DEVICE=cuda]  every paper profile, shrunk to tiny data, on DEVICE (the GPU check: minutes)"
 	@echo "make unit              unit tests only"
+	@echo "make bench             a retraining sweep vectorised / on Dask / one after another; per-example gradients"
 	@echo "make lab               JupyterLab on notebooks/"
 	@echo "make references        re-execute notebooks in place: refresh the stored nbval references"
 	@echo "make data-quick        provide and verify what the quick profile needs (Fashion-MNIST; run by figures and test)"
@@ -38,7 +39,7 @@ help:  ## list the targets
 	# torch first, pinned (the CPU build unless TORCH_INDEX names a CUDA index), so that nothing later pulls other wheels
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev,distributed]'
 	touch $@
 
 env: .venv/.installed
@@ -104,3 +105,7 @@ data: env
 clean:
 	rm -rf build .pytest_cache *.egg-info
 	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
+
+# Ratios measured side by side in one run on this machine (not a test: timings vary between machines).
+bench: env
+	MPE_OFFLINE=1 $(PY) -m mpe.cost sweeps

@@ -17,6 +17,7 @@ one GPU is kept in ``figures/paper/step_times-<device>.csv``.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -26,7 +27,7 @@ import torch
 from .models import get_model
 from .train import train
 
-__all__ = ["MODEL_INPUTS", "step_time", "step_times"]
+__all__ = ["MODEL_INPUTS", "step_time", "step_times", "sweep_times"]
 
 # input shape and classes each model is built for in the paper profiles
 _MNIST, _CIFAR = ((1, 28, 28), 10), ((3, 32, 32), 10)
@@ -80,6 +81,88 @@ def step_times(models, batch_sizes, device="cpu", steps: int = 20, progress: boo
     return rows
 
 
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@functools.lru_cache(maxsize=1)
+def _bench_data():
+    from .data import load
+
+    return load("mnist5k").subset(4000, 1000, seed=0)
+
+
+def _bench_subset(m: int) -> torch.Tensor:
+    return torch.randperm(4000, generator=torch.Generator().manual_seed(m))[:3000]
+
+
+def _bench_fit(spec: dict) -> torch.Tensor:
+    """One run of the benchmark sweep, rebuilt from its description alone (a job that travels as data: a worker
+    loads the data set once and reuses it)."""
+    data, m = _bench_data(), spec["m"]
+    net = get_model(spec["model"], data.shape, 10, seed=m)
+    idx = _bench_subset(m)
+    train(net, data.x_train[idx], data.y_train[idx], seed=m, **spec["recipe"])
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def sweep_times(n_models: int = 32, models=("softmax_regression", "mlp"), epochs: int = 10, batch_size: int = 64,
+                workers: int = 2, progress: bool = False) -> list[dict]:
+    """Side by side on this machine: one retraining sweep (``n_models`` runs from scratch on random 3/4 subsets of
+    4,000 MNIST images, SGD) run one after another, vectorised (:func:`mpe.train.train_many`) and on a Dask
+    ``LocalCluster`` of ``workers`` single-threaded processes (if the distributed extra is installed); then the cost
+    of per-example gradients (``torch.func``: vmap of grad) in batched backward passes. One row per measurement."""
+    from .retrain import job_key, run_jobs
+    from .train import train_many
+
+    data = _bench_data()
+    subsets = [_bench_subset(m) for m in range(n_models)]
+    recipe = dict(epochs=epochs, lr=0.05, batch_size=batch_size, schedule="constant")
+    rows = []
+    for name in models:
+        specs = [dict(model=name, m=m, recipe=recipe) for m in range(n_models)]
+        seq = _timed(lambda: [_bench_fit(spec) for spec in specs])
+        nets = [get_model(name, data.shape, 10, seed=m) for m in range(n_models)]
+        vec = _timed(lambda: train_many(nets, data.x_train, data.y_train, subsets, list(range(n_models)), **recipe))
+        rows.append(dict(measure=f"{n_models} x {name}: vectorised vs one after another", baseline_s=seq,
+                         new_s=vec, speedup=seq / vec))
+        try:
+            import distributed
+        except ImportError:
+            continue
+        jobs = {job_key(bench=name, **spec): functools.partial(_bench_fit, spec) for spec in specs}
+        with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
+                distributed.Client(cluster) as client:
+            client.run(_bench_data)  # every worker loads the data once, as a long sweep would
+            fan = _timed(lambda: run_jobs(jobs, None, progress=progress, executor=client))
+        rows.append(dict(measure=f"{n_models} x {name}: Dask, {workers} single-thread workers vs one after another "
+                                 f"({torch.get_num_threads()} threads)", baseline_s=seq, new_s=fan, speedup=seq / fan))
+    from torch.func import functional_call, grad, vmap
+
+    x, y = data.x_train[:1000], data.y_train[:1000]
+    for name in ("mlp", "lenet5"):
+        net = get_model(name, data.shape, 10, seed=0)
+        params = dict(net.named_parameters())
+
+        def loss(p, xi, yi, net=net):
+            return torch.nn.functional.cross_entropy(functional_call(net, p, (xi[None],)), yi[None])
+
+        def batched(net=net):
+            net.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+
+        per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+        batched()
+        per_example(params, x[:8], y[:8])
+        t_batch = min(_timed(batched) for _ in range(3))
+        t_pe = min(_timed(lambda: per_example(params, x, y)) for _ in range(3))
+        rows.append(dict(measure=f"per-example gradients of 1,000 examples, {name}, vs one batched backward",
+                         baseline_s=t_batch, new_s=t_pe, speedup=t_batch / t_pe))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mpe.cost", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -89,11 +172,20 @@ def main(argv=None) -> int:
     b.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 64, 128, 256, 512])
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--out", default=None, help="also write the table as CSV")
+    w = sub.add_parser("sweeps", help="a retraining sweep vectorised, on Dask and one after another; per-example "
+                                      "gradients against a batched backward pass (make bench)")
+    w.add_argument("--models", type=int, default=32, help="runs in the sweep")
+    w.add_argument("--epochs", type=int, default=10)
+    w.add_argument("--workers", type=int, default=2, help="Dask LocalCluster worker processes")
     a = ap.parse_args(argv)
     import pandas as pd
 
     from . import get_device
 
+    if a.cmd == "sweeps":
+        table = pd.DataFrame(sweep_times(a.models, epochs=a.epochs, workers=a.workers, progress=True))
+        print(table.to_markdown(index=False, floatfmt=".3g"))
+        return 0
     try:
         rows = step_times(a.models, a.batch_sizes, get_device(a.device), a.steps, progress=True)
     except (ValueError, RuntimeError) as err:

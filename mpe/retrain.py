@@ -1,22 +1,27 @@
 """Ground truth by retraining, as a list of independent jobs with cached results.
 
-Each job has a key (a short hash of everything that defines it); its result is written atomically to
-``<cache>/<key>.pt`` when it finishes. Running the same sweep again loads finished jobs and computes only the
-missing ones, so an interrupted sweep resumes where it stopped, and jobs could later be fanned out to several
-workers.
+Each job has a key (a short hash of its JSON description and of the code that computes it); its result is written
+atomically to ``<cache>/<key>.pt`` when it finishes. Running the same sweep again loads finished jobs and computes
+only the missing ones, so an interrupted sweep resumes where it stopped. Jobs run in this process (default) or on the
+workers of a Dask cluster (``executor=``, or the scheduler address in ``$MPE_DASK_SCHEDULER``): a
+``distributed.LocalCluster`` with one worker per core or GPU, or a SLURM cluster from dask-jobqueue. Sweeps of
+small models trained from scratch (:func:`subset_fits`) train many models in one vectorised program
+(:func:`mpe.train.train_many`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 import torch
 
-from .train import flat_params, predict, set_flat_params, train
+from .train import flat_params, predict, set_flat_params, train, train_many, vectorisable
 
-__all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache", "subset_runs"]
+__all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache", "subset_runs",
+           "subset_fits", "vectorise_pays", "save_result", "JobsFailed"]
 
 
 def default_cache(name: str) -> Path:
@@ -43,10 +48,17 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
+_SPECS: dict = {}  # key -> the description it was made from, to name a failed job
+
+
 def job_key(**spec) -> str:
-    """Stable 16-hex-digit key of a JSON-serialisable job description (and of the code that runs it)."""
-    blob = json.dumps(dict(spec, _code=code_fingerprint()), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """Stable 16-hex-digit key of a JSON-serialisable job description, of the code that runs it and of the torch
+    version (whose kernels round differently from one version to the next)."""
+    blob = json.dumps(dict(spec, _code=code_fingerprint(), _torch=torch.__version__), sort_keys=True,
+                      default=str).encode()
+    key = hashlib.sha256(blob).hexdigest()[:16]
+    _SPECS[key] = spec
+    return key
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -55,8 +67,59 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(str((t.dtype, tuple(t.shape))).encode() + t.numpy().tobytes()).hexdigest()[:16]
 
 
-def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc: str = "jobs") -> dict:
-    """Run ``jobs`` {key: zero-argument callable}, caching each result as ``cache/<key>.pt``; returns {key: result}."""
+def save_result(path: Path, result) -> None:
+    """Write ``result`` to ``path`` atomically: through a temporary file of this writer's own (process id and a
+    random suffix), then one rename. Readers see the old file or the whole new one; two writers of one key never
+    mix their bytes, the last rename wins."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(result, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class JobsFailed(RuntimeError):
+    """Some jobs of a sweep raised; the others' results are cached. ``failed`` maps key -> (spec, exception)."""
+
+    def __init__(self, failed: dict, done: int):
+        self.failed = failed
+        lines = [f"  {k}: {type(e).__name__}: {e} (spec {spec})" for k, (spec, e) in list(failed.items())[:10]]
+        more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
+        super().__init__(f"{len(failed)} job(s) failed, {done} finished and cached:\n" + "\n".join(lines) + more)
+
+
+_CLIENTS: dict = {}  # one client per scheduler address or cluster, reused by every sweep of the process
+
+
+def _client(executor):
+    """A ``distributed.Client`` from ``executor`` (a Client, a cluster, or a scheduler address), or None."""
+    if executor is None:
+        executor = os.environ.get("MPE_DASK_SCHEDULER") or None
+    if executor is None or executor == "local":
+        return None
+    try:
+        from distributed import Client
+    except ImportError as e:
+        raise ImportError("a Dask executor needs the distributed extra: pip install -e '.[distributed]'") from e
+    if isinstance(executor, Client):
+        return executor
+    key = executor if isinstance(executor, str) else id(executor)
+    if key not in _CLIENTS or _CLIENTS[key].status in ("closing", "closed"):
+        _CLIENTS[key] = Client(executor)
+    return _CLIENTS[key]
+
+
+def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc: str = "jobs", executor=None) -> dict:
+    """Run ``jobs`` {key: zero-argument callable}, caching each result as ``cache/<key>.pt``; returns {key: result}.
+
+    ``executor``: None or "local" runs the jobs here, one after another (unless ``$MPE_DASK_SCHEDULER`` names a
+    Dask scheduler); a ``distributed.Client``, a cluster or a scheduler address runs them on its workers (the
+    callables travel by cloudpickle; results come back and are cached here as they finish). One progress bar counts
+    finished jobs. A job that raises does not stop the others: they finish and are cached, then :class:`JobsFailed`
+    names every failed key with its description.
+    """
     results, todo = {}, []
     if cache is not None:
         cache = Path(cache)
@@ -67,18 +130,47 @@ def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc:
             results[key] = torch.load(path, weights_only=False)
         else:
             todo.append((key, fn, path))
-    it = todo
-    if progress and todo:
+    if not todo:
+        return results
+    bar = None
+    if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(todo, desc=f"{desc} ({len(results)} cached)")
-    for key, fn, path in it:
-        res = fn()
+        bar = tqdm(total=len(todo), desc=f"{desc} ({len(results)} cached)")
+    failed = {}
+
+    def finish(key, path, res):
         if path is not None:
-            tmp = path.with_suffix(".tmp")
-            torch.save(res, tmp)
-            os.replace(tmp, path)  # atomic: an interrupted job leaves no half-written result
+            save_result(path, res)
         results[key] = res
+        if bar is not None:
+            bar.update()
+
+    client = _client(executor)
+    if client is None:
+        for key, fn, path in todo:
+            try:
+                res = fn()
+            except Exception as e:  # noqa: BLE001 - reported with the job's description below
+                failed[key] = (_SPECS.get(key), e)
+                continue
+            finish(key, path, res)
+    else:
+        from distributed import as_completed
+
+        futures = {client.submit(fn, pure=False, key=f"{desc}-{key}-{uuid.uuid4().hex[:6]}"): (key, path)
+                   for key, fn, path in todo}
+        for fut in as_completed(futures):
+            key, path = futures[fut]
+            if fut.status == "error":
+                failed[key] = (_SPECS.get(key), fut.exception())
+            else:
+                finish(key, path, fut.result())
+            fut.release()
+    if bar is not None:
+        bar.close()
+    if failed:
+        raise JobsFailed(failed, len(results))
     return results
 
 
@@ -121,11 +213,97 @@ def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, 
     return outs[0], outs[1:]
 
 
-def subset_runs(fit, subsets: list, tag: dict, cache=None, desc: str = "retrain") -> list:
+def subset_runs(fit, subsets: list, tag: dict, cache=None, desc: str = "retrain", executor=None,
+                progress: bool = True) -> list:
     """Train from scratch on each kept subset: ``subsets`` is [(kept indices, seed)] and ``fit(kept, seed)`` returns
     the result (e.g. the test accuracy). Each run is a cached job keyed by ``tag`` (data, model and every training
-    setting), the seed and a digest of the kept indices; identical runs are computed once."""
-    keys = [job_key(kept=tensor_digest(torch.as_tensor(idx)), seed=int(seed), **tag) for idx, seed in subsets]
+    setting), the seed and a digest of the kept indices; identical runs are computed once. See :func:`subset_fits`
+    for the vectorised form of the common case."""
+    keys = _subset_keys(subsets, tag)
     jobs = {k: (lambda idx=idx, seed=seed: fit(idx, seed)) for k, (idx, seed) in zip(keys, subsets)}
-    res = run_jobs(jobs, cache, desc=desc)
+    res = run_jobs(jobs, cache, progress=progress, desc=desc, executor=executor)
     return [res[k] for k in keys]
+
+
+def _subset_keys(subsets, tag):
+    return [job_key(kept=tensor_digest(torch.as_tensor(idx)), seed=int(seed), **tag) for idx, seed in subsets]
+
+
+CPU_VECTORISE_FLOPS = 2.5e7
+
+
+def vectorise_pays(model, x1: torch.Tensor, batch_size: int | None, n: int) -> bool:
+    """Whether training many copies of ``model`` in one vmapped program beats training them one after another.
+
+    On a GPU it does: one step of M small models costs about as much as one step of one. On a CPU the vmapped
+    program saves the per-step overhead but runs its matrix products as batched products, which PyTorch's CPU
+    kernels do about 2x slower for large matrices; it pays only while one model's step is small. Measured on this
+    project's 2-core CPU (forward FLOPs per model and step -> vectorised speed-up): MLP(32,16) at batch 64,
+    3.3M -> 2.1x; the lpNTK CNN at batch 10, 22M -> 1.6x; at batch 40, 87M -> 0.7x; Jiang's MLP at batch 64,
+    68M -> 0.5x. Hence the rule: vectorise on a CPU when the forward FLOPs of one model's minibatch are at most
+    :data:`CPU_VECTORISE_FLOPS`. ``x1`` is one input example (1, ...); ``n`` the subset size."""
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return True
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x1.to(device))
+    return counter.get_total_flops() * min(batch_size or n, n) <= CPU_VECTORISE_FLOPS
+
+
+def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, cache=None, callbacks=None,
+                vectorise="auto", chunk: int = 32, desc: str = "retrain", progress: bool = True) -> list:
+    """``subset_runs`` for the common case, vectorised: train ``make_model(seed)`` from scratch on each
+    ``(kept indices, seed)`` of ``subsets`` with :func:`mpe.train.train` keywords ``train_kw`` (a dict, or a
+    function of the subset size that returns one, e.g. for a per-example weight decay), and return
+    ``evaluate(model)`` of each. With ``callbacks(n_kept) -> [callback, ...]`` (new objects for each run, e.g. a
+    :class:`mpe.regularity.VisitRecorder`), every run gets its own and the result is ``evaluate(model, callbacks)``.
+    The runs not yet cached are trained up to ``chunk`` at a time by
+    :func:`mpe.train.train_many` (equal to one ``train`` per run, to float rounding), or one after another where the
+    model or recipe cannot be vectorised (BatchNorm, dropout, IVON, L-BFGS) or ``vectorise`` is False; "auto"
+    vectorises where it pays (:func:`vectorise_pays`). Results are cached under the same keys as :func:`subset_runs`,
+    one file per run, so an interrupted sweep resumes."""
+    recipe = train_kw if callable(train_kw) else (lambda n: train_kw)
+    keys = _subset_keys(subsets, tag)
+    results, todo = {}, {}
+    for key, (idx, seed) in zip(keys, subsets):
+        path = Path(cache) / f"{key}.pt" if cache is not None else None
+        if path is not None and path.exists():
+            results[key] = torch.load(path, weights_only=False)
+        elif key not in todo:
+            todo[key] = (torch.as_tensor(idx).long(), int(seed), path)
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+    groups = {}
+    for key, (idx, seed, path) in todo.items():
+        groups.setdefault(len(idx), []).append(key)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"{desc} ({len(results)} cached)")
+    for size, members in groups.items():
+        kw = recipe(size)
+        for i in range(0, len(members), chunk):
+            part = members[i:i + chunk]
+            models = [make_model(todo[k][1]) for k in part]
+            cbs = [list(callbacks(size)) if callbacks is not None else [] for _ in part]
+            fast = vectorise_pays(models[0], x[:1], kw.get("batch_size", 256), size) if vectorise == "auto" \
+                else bool(vectorise)
+            if fast and vectorisable(models[0], **kw) is None:
+                train_many(models, x, y, [todo[k][0] for k in part], [todo[k][1] for k in part], callbacks=cbs, **kw)
+            else:
+                for k, model, cb in zip(part, models, cbs):
+                    idx, seed, _ = todo[k]
+                    train(model, x[idx], y[idx], seed=seed, callbacks=cb, **kw)
+            for k, model, cb in zip(part, models, cbs):
+                res = evaluate(model, cb) if callbacks is not None else evaluate(model)
+                if todo[k][2] is not None:
+                    save_result(todo[k][2], res)
+                results[k] = res
+            if bar is not None:
+                bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    return [results[k] for k in keys]

@@ -13,10 +13,12 @@ line search for ``epochs`` iterations: a deterministic, converged minimiser for 
 A callback is any object with ``on_epoch_end(state)``, ``on_batch_start(state, idx)`` (before the update on the
 minibatch ``idx``) and/or ``on_batch_end(state, idx, logits, y)`` methods;
 ``state`` carries ``model``, ``optimizer``, ``epoch``, ``step`` and ``n``. Every paper's statistics (correctness,
-loss, forgetting events, ...) are callbacks, not new loops.
+loss, forgetting events, ...) are callbacks, not new loops. :func:`train_many` is the same loop for M small models
+at once (stacked parameters, one vmapped step), for retraining sweeps.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -27,8 +29,8 @@ from torch import nn
 
 from .data import AUGMENTATIONS, augmented
 
-__all__ = ["train", "stop_after", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES", "PerExampleRecorder", "flat_params",
-           "set_flat_params", "l2_objective"]
+__all__ = ["train", "train_many", "vectorisable", "stop_after", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES",
+           "PerExampleRecorder", "flat_params", "set_flat_params", "l2_objective"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
@@ -117,6 +119,28 @@ def _make_optimizer(name, params, *, lr, momentum, nesterov, delta, n, hess_init
     raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
 
 
+def _check_recipe(optimizer, schedule, loss, augment, nesterov, epochs, lr):
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid choices: {', '.join(SCHEDULES)}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid choices: {', '.join(LOSSES)}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; valid choices: {', '.join(AUGMENTATIONS)}")
+    if nesterov and optimizer != "sgd":
+        raise ValueError("nesterov momentum is an SGD option")
+    if epochs < 0 or lr <= 0:
+        raise ValueError(f"need epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
+
+
+def _make_schedule(name, opt, *, epochs, lr_min, step_size, gamma, milestones):
+    return {"cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr_min),
+            "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma),
+            "multistep": lambda: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma),
+            "constant": lambda: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)}[name]()
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, optimizer: str = "sgd",
           batch_size: int | None = 256, lr_min: float = 0.0, momentum: float = 0.9, delta: float = 0.0,
           shuffle: bool = True, seed: int = 0, callbacks=(), hess_init: float = 0.1, beta2: float = 0.99999,
@@ -137,21 +161,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
     ``on_epoch_end(state)``; during a step ``state.batch`` is the (augmented) minibatch (xb, yb) the step uses, and a
     callback that sets ``state.stop`` ends training after the current epoch (:func:`stop_after`).
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid choices: {', '.join(SCHEDULES)}")
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; valid choices: {', '.join(LOSSES)}")
+    _check_recipe(optimizer, schedule, loss, augment, nesterov, epochs, lr)
     loss_fn = LOSSES[loss]
     if optimizer == "lbfgs" and (penalty is not None or loss != "cross_entropy"):
         raise ValueError("penalty and the squared loss are supported by the minibatch optimisers, not by lbfgs")
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augment!r}; valid choices: {', '.join(AUGMENTATIONS)}")
-    if nesterov and optimizer != "sgd":
-        raise ValueError("nesterov momentum is an SGD option")
-    if epochs < 0 or lr <= 0:
-        raise ValueError(f"need epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     n = len(x)
@@ -178,10 +191,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
 
     opt = _make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, delta=delta, n=n,
                           hess_init=hess_init, beta2=beta2, mc_samples=mc_samples)
-    sched = {"cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr_min),
-             "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma),
-             "multistep": lambda: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma),
-             "constant": lambda: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)}[schedule]()
+    sched = _make_schedule(schedule, opt, epochs=epochs, lr_min=lr_min, step_size=step_size, gamma=gamma,
+                           milestones=milestones)
     state.optimizer = opt
     explicit_l2 = optimizer in ("sgd", "adam")
     bs = n if batch_size is None else batch_size
@@ -237,6 +248,158 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         if state.stop:
             break
     return state
+
+
+VECTORISED_OPTIMIZERS = ("sgd", "adam", "adamw")
+_OTHER_OPTIMIZERS_KEYWORDS = {"hess_init", "beta2", "mc_samples", "tol", "progress", "penalty"}  # unused (penalty: None)
+
+
+def vectorisable(model: nn.Module, optimizer: str = "sgd", penalty=None, **_) -> str | None:
+    """Why :func:`train_many` cannot train ``model`` with this recipe, or None if it can. It needs an optimiser
+    whose update is elementwise (SGD, Adam, AdamW), no penalty, no buffers (BatchNorm's running statistics) and no
+    dropout (a vmapped program draws other masks than one model trained alone would)."""
+    if optimizer not in VECTORISED_OPTIMIZERS:
+        return f"optimizer {optimizer!r} (vectorised: {', '.join(VECTORISED_OPTIMIZERS)})"
+    if penalty is not None:
+        return "a penalty"
+    if any(True for _ in model.buffers()):
+        return "buffers (BatchNorm running statistics)"
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return "dropout"
+    return None
+
+
+def train_many(models: list, x: torch.Tensor, y: torch.Tensor, subsets=None, seeds=None, *, epochs: int, lr: float,
+               optimizer: str = "sgd", batch_size: int | None = 256, lr_min: float = 0.0, momentum: float = 0.9,
+               delta: float = 0.0, shuffle: bool = True, schedule: str = "cosine", step_size: int = 2,
+               gamma: float = 0.7, milestones=(60, 120, 160), loss: str = "cross_entropy", augment: str = "none",
+               nesterov: bool = False, callbacks=None, chunk: int | None = None, **unused) -> torch.Tensor:
+    r"""Train M models of one architecture at once: model m on (x[subsets[m]], y[subsets[m]]) with its minibatch
+    order and augmentation drawn from ``seeds[m]``, in place. For every m the result equals
+
+        train(models[m], x[subsets[m]], y[subsets[m]], seed=seeds[m], **recipe)
+
+    to float rounding (tested), but the M models take each step together: their parameters are stacked (M, ...),
+    one ``torch.func.vmap`` of the forward pass gives the logits (M, B, K), and one backward pass of Σ_m L_m gives
+    every model its own gradient (the models share no parameters, so ∂(Σ_m L_m)/∂θ_m = ∂L_m/∂θ_m). The optimisers
+    allowed (:data:`VECTORISED_OPTIMIZERS`) update elementwise, so one optimiser over the stacked tensors is M
+    optimisers. Subsets of different sizes are trained in groups of one size (the step count per epoch and the prior
+    term δ/n depend on n); ``chunk`` caps how many models share one program (memory). ``x`` (N, ...), ``y`` (N,) or
+    (N, K); ``subsets`` M index tensors (default: all of x for every model); ``seeds`` M ints (default 0..M-1).
+    ``callbacks``: None or M sequences, model m's callbacks, called as by ``train`` with model m's own ``state``
+    (epoch, step, n, batch) and minibatch positions in its subset; ``state.model`` is None (the parameters are
+    stacked), so callbacks that evaluate the model (e.g. :class:`PerExampleRecorder`) need ``train``.
+    Returns the mean training loss per model and epoch (M, epochs), as ``train``'s ``state.losses``. Models that
+    :func:`vectorisable` rejects raise ValueError: train them with :func:`train`.
+    """
+    from torch.func import functional_call, stack_module_state, vmap
+
+    other = set(unused) - _OTHER_OPTIMIZERS_KEYWORDS
+    if other:
+        raise TypeError(f"train_many got unexpected keywords {sorted(other)}")
+    m_all = len(models)
+    subsets = [torch.arange(len(x))] * m_all if subsets is None else [torch.as_tensor(s).long().cpu() for s in subsets]
+    seeds = list(range(m_all)) if seeds is None else [int(s) for s in seeds]
+    callbacks = [()] * m_all if callbacks is None else [list(c) for c in callbacks]
+    if len(subsets) != m_all or len(seeds) != m_all or len(callbacks) != m_all:
+        raise ValueError(f"need one subset, seed and callback list per model: {m_all} models, {len(subsets)} subsets, "
+                         f"{len(seeds)} seeds, {len(callbacks)} callback lists")
+    _check_recipe(optimizer, schedule, loss, augment, nesterov, epochs, lr)
+    if m_all == 0:
+        return torch.zeros(0, epochs)
+    why = vectorisable(models[0], optimizer, unused.get("penalty"))
+    if why is not None:
+        raise ValueError(f"train_many cannot vectorise this model and recipe: {why}; train it with train()")
+    shapes = [p.shape for p in models[0].parameters()]
+    if any([p.shape for p in m.parameters()] != shapes for m in models):
+        raise ValueError("train_many needs models of one architecture (the same parameter shapes)")
+    recipe = dict(epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, lr_min=lr_min, momentum=momentum,
+                  delta=delta, shuffle=shuffle, schedule=schedule, step_size=step_size, gamma=gamma,
+                  milestones=milestones, loss=loss, augment=augment, nesterov=nesterov)
+    sizes = [len(s) for s in subsets]
+    groups = {}
+    for m, size in enumerate(sizes):
+        groups.setdefault(size, []).append(m)
+    if len(groups) > 1 or (chunk is not None and m_all > chunk):
+        losses = torch.zeros(m_all, epochs)
+        step = chunk or m_all
+        for members in groups.values():
+            for i in range(0, len(members), step):
+                part = members[i:i + step]
+                part_losses = train_many([models[m] for m in part], x, y, [subsets[m] for m in part],
+                                          [seeds[m] for m in part], callbacks=[callbacks[m] for m in part], **recipe)
+                losses[part, :part_losses.shape[1]] = part_losses
+        return losses
+
+    device = next(models[0].parameters()).device
+    x, y = x.to(device), y.to(device)
+    n, m_all = sizes[0], len(models)
+    params, _ = stack_module_state(models)  # {name: (M, ...)}, new leaf tensors
+    base = copy.deepcopy(models[0]).to("meta")
+    forward = vmap(lambda p, xb: functional_call(base, p, (xb,)))
+    opt = _make_optimizer(optimizer, list(params.values()), lr=lr, momentum=momentum, nesterov=nesterov, delta=delta,
+                          n=n, hess_init=0.0, beta2=0.0, mc_samples=1)
+    sched = _make_schedule(schedule, opt, epochs=epochs, lr_min=lr_min, step_size=step_size, gamma=gamma,
+                           milestones=milestones)
+    explicit_l2 = optimizer in ("sgd", "adam") and delta
+    bs = n if batch_size is None else batch_size
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    kept = torch.stack(subsets).to(device)  # (M, n) indices into x
+    losses = torch.zeros(m_all, epochs)
+    states = [SimpleNamespace(model=None, optimizer=None, epoch=0, step=0, n=n, stop=False) for _ in range(m_all)]
+
+    def call(hook, m, *args):
+        for cb in callbacks[m]:
+            if hasattr(cb, hook):
+                getattr(cb, hook)(states[m], *args)
+
+    for epoch in range(epochs):
+        order = (torch.stack([torch.randperm(n, generator=g) for g in gens]) if shuffle
+                 else torch.arange(n).expand(m_all, n)).to(device)
+        rows = kept.gather(1, order)  # (M, n): model m's examples in its own order
+        total = torch.zeros(m_all, device=device)
+        for start in range(0, n, bs):
+            idx = rows[:, start:start + bs]
+            xb, yb = x[idx], y[idx]  # (M, B, ...)
+            if augment != "none":
+                xb = torch.stack([augmented(xb[m], augment, gens[m]) for m in range(m_all)])
+            local = order[:, start:start + bs]  # positions in each model's subset, as train's callbacks see them
+            for m in range(m_all):
+                states[m].batch = (xb[m], yb[m])
+                call("on_batch_start", m, local[m])
+            logits = forward(params, xb)  # (M, B, K)
+            if loss == "cross_entropy":
+                per = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(m_all, -1).mean(1)
+            else:
+                per = 0.5 * (logits - yb).pow(2).reshape(m_all, idx.shape[1], -1).sum(2).mean(1)
+            if explicit_l2:
+                per = per + 0.5 * (delta / n) * sum(p.pow(2).flatten(1).sum(1) for p in params.values())
+            opt.zero_grad()
+            per.sum().backward()
+            opt.step()
+            if not torch.isfinite(per).all():
+                bad = torch.nonzero(~torch.isfinite(per)).flatten().tolist()
+                raise FloatingPointError(f"training diverged at epoch {epoch} for models {bad}; lower lr")
+            total += per.detach() * idx.shape[1]
+            for m in range(m_all):
+                states[m].step += 1
+                call("on_batch_end", m, local[m], logits[m].detach(), yb[m])
+        sched.step()
+        losses[:, epoch] = total.cpu() / n
+        for m in range(m_all):
+            states[m].epoch = epoch + 1
+            call("on_epoch_end", m)
+        stops = {s.stop for s in states}
+        if stops == {True}:
+            losses = losses[:, :epoch + 1]
+            break
+        if len(stops) > 1:
+            raise ValueError("callbacks stopped some models but not all; train them with train()")
+    with torch.no_grad():
+        for m, model in enumerate(models):
+            for name, p in model.named_parameters():
+                p.copy_(params[name][m])
+    return losses
 
 
 def stop_after(epochs: int):

@@ -1,0 +1,235 @@
+"""The retraining engine: many small models in one vectorised program, cached jobs, atomic results, Dask fan-out.
+
+Truth here is the plain training loop: ``train_many`` must give what one ``train`` per model gives, and every
+executor must give what running the jobs one after another gives."""
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from mpe.models import get_model
+from mpe.regularity import LearningDifficulty, VisitRecorder
+from mpe.retrain import _CLIENTS, JobsFailed, job_key, run_jobs, subset_fits, subset_runs, vectorise_pays
+from mpe.train import predict, stop_after, train, train_many, vectorisable
+
+
+def data(n=60, shape=(1, 8, 8), k=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, k, (n,), generator=g)
+
+
+def subsets(n=60, sizes=(40, 40, 40, 30)):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randperm(n, generator=g)[:s] for s in sizes]
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+RECIPES = {
+    "sgd nesterov, L2, cosine": ("mlp", dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, delta=3.0)),
+    "adam, L2, step": ("mlp", dict(optimizer="adam", lr=0.01, delta=1.0, schedule="step", step_size=1, gamma=0.5)),
+    "adamw, crop+flip, multistep": ("small_cnn", dict(optimizer="adamw", lr=0.01, delta=2.0, augment="crop_flip",
+                                                      schedule="multistep", milestones=[2], gamma=0.1)),
+    "sgd full batch, no shuffle": ("mlp", dict(optimizer="sgd", lr=0.1, batch_size=None, shuffle=False)),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_train_many_equals_one_train_per_model(name):
+    arch, kw = RECIPES[name]
+    kw = dict(dict(epochs=3, batch_size=16), **kw)
+    x, y = data()
+    subs, seeds = subsets(), [5, 6, 7, 8]
+    one = [get_model(arch, (1, 8, 8), 3, seed=s) for s in seeds]
+    many = [get_model(arch, (1, 8, 8), 3, seed=s) for s in seeds]
+    before = params(many[0]).clone()
+    losses = [train(m, x[i], y[i], seed=s, **kw).losses for m, i, s in zip(one, subs, seeds)]
+    got = train_many(many, x, y, subs, seeds, **kw)
+    assert not torch.allclose(params(many[0]), before)  # it trained
+    for a, b in zip(one, many):  # the two sizes (40 and 30) are two groups with their own step counts and δ/n
+        torch.testing.assert_close(params(b), params(a), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, torch.tensor(losses), rtol=1e-5, atol=1e-6)
+
+
+def test_train_many_callbacks_see_what_train_callbacks_see():
+    x, y = data()
+    subs, seeds = subsets(sizes=(40, 40)), [1, 2]
+    rec_one, rec_many = [[VisitRecorder(40), LearningDifficulty(40)] for _ in seeds], \
+        [[VisitRecorder(40), LearningDifficulty(40)] for _ in seeds]
+    kw = dict(epochs=4, lr=0.1, batch_size=16)
+    for s, i, cb in zip(seeds, subs, rec_one):
+        train(get_model("mlp", (1, 8, 8), 3, seed=s), x[i], y[i], seed=s, callbacks=cb + [stop_after(3)], **kw)
+    losses = train_many([get_model("mlp", (1, 8, 8), 3, seed=s) for s in seeds], x, y, subs, seeds,
+                        callbacks=[cb + [stop_after(3)] for cb in rec_many], **kw)
+    assert losses.shape == (2, 3)  # stopped after 3 of 4 epochs, as train does
+    for a, b in zip(rec_one, rec_many):
+        assert torch.equal(torch.stack(a[0].history), torch.stack(b[0].history))
+        torch.testing.assert_close(a[1].total, b[1].total)
+
+
+def test_vectorise_pays_for_small_steps_on_a_cpu():
+    x1 = torch.zeros(1, 1, 28, 28)
+    assert vectorise_pays(get_model("mlp", (1, 28, 28), 10), x1, 64, 1000)  # 3.3 MFLOP per step
+    assert not vectorise_pays(get_model("jiang_mlp", (1, 28, 28), 10), x1, 64, 1000)  # 68 MFLOP
+    assert vectorise_pays(get_model("lpntk_cnn", (1, 28, 28), 10), x1, 128, 10)  # the batch is the 10-example subset
+
+
+def test_train_many_refuses_what_it_cannot_vectorise():
+    x, y = data()
+    assert vectorisable(get_model("mlp", (1, 8, 8), 3)) is None
+    assert "BatchNorm" in vectorisable(nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.BatchNorm1d(3)))
+    assert "dropout" in vectorisable(nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(64, 3)))
+    assert "ivon" in vectorisable(get_model("mlp", (1, 8, 8), 3), optimizer="ivon")
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_many([nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.BatchNorm1d(3))], x, y, epochs=1, lr=0.1)
+    with pytest.raises(ValueError, match="one architecture"):
+        train_many([get_model("mlp", (1, 8, 8), 3), get_model("softmax_regression", (1, 8, 8), 3)], x, y,
+                   epochs=1, lr=0.1)
+    with pytest.raises(ValueError, match="one subset"):
+        train_many([get_model("mlp", (1, 8, 8), 3)], x, y, subsets(), epochs=1, lr=0.1)
+    with pytest.raises(TypeError, match="unexpected.*momentun"):
+        train_many([get_model("mlp", (1, 8, 8), 3)], x, y, epochs=1, lr=0.1, penalty=None, momentun=0.9)
+    with pytest.raises(ValueError, match="penalty"):
+        train_many([get_model("mlp", (1, 8, 8), 3)], x, y, epochs=1, lr=0.1, penalty=lambda m: 0.0)
+    with pytest.raises(FloatingPointError, match=r"models \[1\]"):
+        train_many([get_model("mlp", (1, 8, 8), 3), get_model("mlp", (1, 8, 8), 3)], x, y, [range(60)] * 2,
+                   [0, 1], epochs=1, lr=0.1, callbacks=[[], [SimpleNamespace(on_batch_start=poison)]])
+
+
+class Buffered(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.register_buffer("one", torch.ones(()))
+
+    def forward(self, x):
+        return self.net(x) * self.one
+
+
+def poison(state, idx):  # makes this model's minibatch non-finite
+    state.batch[0].fill_(float("nan"))
+
+
+def _fit_and_score(x, y, kw):
+    def fit(kept, seed):
+        net = get_model("mlp", (1, 8, 8), 3, seed=seed)
+        train(net, x[kept], y[kept], seed=seed, **kw)
+        return predict(net, x).softmax(1)
+    return fit
+
+
+def test_subset_fits_equals_subset_runs_and_caches(tmp_path):
+    x, y = data()
+    kw = dict(epochs=2, lr=0.1, batch_size=16)
+    runs = [(i, s) for i, s in zip(subsets(sizes=(40, 30, 40, 40)), [3, 4, 5, 3])] + [(subsets()[0], 3)]  # a repeat
+    tag = dict(study="test")
+    ref = subset_runs(_fit_and_score(x, y, kw), runs, tag, tmp_path / "seq", progress=False)
+    got = subset_fits(lambda s: get_model("mlp", (1, 8, 8), 3, seed=s), x, y, runs, kw,
+                      lambda net: predict(net, x).softmax(1), tag, tmp_path / "vec", chunk=2, progress=False)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "seq").iterdir()) == sorted(p.name for p in (tmp_path / "vec").iterdir())
+    assert len(list((tmp_path / "vec").iterdir())) == 4  # the repeated run is one job
+    # a second call trains nothing: make_model would raise
+    again = subset_fits(lambda s: 1 / 0, x, y, runs, kw, None, tag, tmp_path / "vec", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    # a model train_many refuses (one with a buffer) falls back to one train per run, with the same results
+    seq = subset_fits(lambda s: Buffered(get_model("mlp", (1, 8, 8), 3, seed=s)), x, y, runs[:2], kw,
+                      lambda net: predict(net, x).softmax(1), tag, None, progress=False)
+    for a, b in zip(ref, seq):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_job_is_named_and_the_others_are_kept(tmp_path):
+    def job(i):
+        def run():
+            if i == 1:
+                raise RuntimeError("boom")
+            return torch.tensor([i])
+        return run
+
+    keys = [job_key(study="fail-test", i=i) for i in range(3)]
+    with pytest.raises(JobsFailed, match=r"1 job\(s\) failed, 2 finished(.|\n)*boom(.|\n)*'i': 1") as err:
+        run_jobs({k: job(i) for i, k in enumerate(keys)}, tmp_path, progress=False)
+    assert list(err.value.failed) == [keys[1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{k}.pt" for k in (keys[0], keys[2]))
+
+
+WRITER = textwrap.dedent("""
+    import io, sys, time, torch
+    from mpe.retrain import save_result
+    real_save = torch.save
+
+    def slow_save(obj, f):  # a write that takes a while, so that the two writers overlap
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        data = buf.getvalue()
+        with open(f, "wb") as fh:
+            fh.write(data[:len(data) // 2])
+            fh.flush()
+            time.sleep(0.02)
+            fh.write(data[len(data) // 2:])
+
+    torch.save = slow_save
+    path, value = sys.argv[1], float(sys.argv[2])
+    for _ in range(25):
+        save_result(path, torch.full((100_000,), value))
+""")
+
+
+def test_two_writers_of_one_key_never_install_a_corrupt_result(tmp_path):
+    path = tmp_path / "key.pt"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(v)], stderr=subprocess.PIPE)
+             for v in (1.0, 2.0)]
+    seen = set()
+    while any(p.poll() is None for p in procs):
+        if path.exists():
+            t = torch.load(path)  # never half-written: one writer's whole tensor
+            assert t.shape == (100_000,) and t.unique().numel() == 1
+            seen.add(float(t[0]))
+    assert [p.wait() for p in procs] == [0, 0], [p.stderr.read().decode() for p in procs]
+    assert float(torch.load(path)[0]) in (1.0, 2.0) and seen <= {1.0, 2.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["key.pt"]  # no temporary files left behind
+
+
+def _square(i):
+    return torch.tensor([float(i) ** 2])
+
+
+def _where(i):
+    return i ** 2, os.getpid()
+
+
+def test_dask_local_cluster_gives_the_local_results(tmp_path, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    x, y = data()
+    kw = dict(epochs=2, lr=0.1, batch_size=16)
+    runs = list(zip(subsets(sizes=(40, 30, 40)), [3, 4, 5]))
+    local = subset_runs(_fit_and_score(x, y, kw), runs, dict(study="dask"), tmp_path / "local", progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        remote = subset_runs(_fit_and_score(x, y, kw), runs, dict(study="dask"), tmp_path / "dask", executor=client,
+                             progress=False)
+        keys = [job_key(study="dask-fail", i=i) for i in range(3)]
+        jobs = {k: (lambda i=i: _square(i) if i != 2 else 1 / 0) for i, k in enumerate(keys)}
+        with pytest.raises(JobsFailed, match="ZeroDivisionError"):
+            run_jobs(jobs, tmp_path / "fail", executor=client, progress=False)
+        assert len(list((tmp_path / "fail").iterdir())) == 2  # the finished jobs are cached
+        # a scheduler address in $MPE_DASK_SCHEDULER sends every sweep there, with no change to the caller
+        monkeypatch.setenv("MPE_DASK_SCHEDULER", cluster.scheduler_address)
+        keys = [job_key(study="dask-env", i=i) for i in range(4)]
+        out = run_jobs({k: (lambda i=i: _where(i)) for i, k in enumerate(keys)}, None, progress=False)
+        assert {out[k][0] for k in keys} == {i ** 2 for i in range(4)}
+        assert all(out[k][1] != os.getpid() for k in keys)  # computed in the workers' processes
+        _CLIENTS.pop(cluster.scheduler_address).close()
+    for a, b in zip(local, remote):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "dask").iterdir())
