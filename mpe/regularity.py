@@ -22,7 +22,7 @@ from .kernels import delta_q
 __all__ = ["ForgettingPredictor", "VisitRecorder", "LearningDifficulty", "forgetting_counts", "regularity", "el2n",
            "precision_recall_f1", "margin", "true_class_prob", "sgd_recipe", "unified_run", "unified_runs",
            "combine_runs", "first_learned", "unforgettable", "misclassification_margin", "ranking", "windows",
-           "cscore_holdout", "detection_curve", "binned_accuracy"]
+           "cscore_holdout", "cscore_splits", "cscore_from_runs", "detection_curve", "binned_accuracy"]
 
 
 def el2n(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -294,37 +294,55 @@ def windows(order: torch.Tensor, width: int, stride: int) -> list[tuple[int, tor
     return [(s, order[s:s + width]) for s in range(0, len(order) - width + 1, stride)]
 
 
-def cscore_holdout(fit_predict, n: int, ratios=(0.25, 0.5, 0.75), runs: int = 4, seed: int = 0, cache=None,
-                   tag: dict | None = None, progress: bool = True) -> dict:
-    r"""Hold-out estimate of Jiang et al.'s consistency score C(x, y) = E_{D ~ P^n}[P(f(x; A(D)) = y)].
-
-    For each ratio s and run r, a random subset of ⌊s N⌋ training examples is drawn; ``fit_predict(train_idx,
-    heldout_idx, run_seed)`` trains on it and returns the correctness (len(heldout),) of the held-out examples.
-    Per ratio, an example's score is its mean correctness over the runs that held it out; ``score`` (N,) averages
-    the ratios (Jiang's "integral" C-score). Returns ``score``, ``per_ratio`` (R, N) and ``counts`` (R, N); every run
-    is a cached job (:func:`mpe.retrain.run_jobs`), keyed by ``tag`` (data, model, training settings).
-    """
-    from .retrain import job_key, run_jobs
-
+def cscore_splits(n: int, ratios=(0.25, 0.5, 0.75), runs: int = 4, seed: int = 0) -> list[tuple]:
+    """The hold-out runs of :func:`cscore_holdout`: for each ratio s and run r, a random subset of ⌊s N⌋ training
+    examples. Returns [(ratio index, training indices, held-out indices, run seed)], ratio by ratio."""
     if not all(0 < s < 1 for s in ratios) or runs < 1:
         raise ValueError(f"ratios must lie in (0, 1) and runs >= 1, got {ratios}, {runs}")
-    splits = {}
+    splits = []
     for i, s in enumerate(ratios):
         for r in range(runs):
             run_seed = seed * 100_003 + i * 1009 + r
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(run_seed))
             k = int(s * n)
-            splits[job_key(study="cscore", ratio=s, run=r, seed=seed, n=n, **(tag or {}))] = (i, perm[:k], perm[k:],
-                                                                                             run_seed)
-    jobs = {key: (lambda tr=tr, ho=ho, rs=rs: torch.as_tensor(fit_predict(tr, ho, rs)).float().cpu())
-            for key, (_, tr, ho, rs) in splits.items()}
-    res = run_jobs(jobs, cache, progress=progress, desc="C-score hold-out runs")
-    hits, counts = torch.zeros(len(ratios), n), torch.zeros(len(ratios), n)
-    for key, (i, _, ho, _) in splits.items():
-        hits[i, ho] += res[key]
+            splits.append((i, perm[:k], perm[k:], run_seed))
+    return splits
+
+
+def cscore_from_runs(splits: list, correct: list, n: int) -> dict:
+    """C-scores from the runs of :func:`cscore_splits`: ``correct[j]`` is run j's correctness on its held-out
+    examples (len(heldout),) or on all N training examples (N,), of which the held-out ones are used. Per ratio, an
+    example's score is its mean correctness over the runs that held it out; ``score`` (N,) averages the ratios
+    (Jiang's "integral" C-score). Returns ``score``, ``per_ratio`` (R, N) and ``counts`` (R, N)."""
+    n_ratios = max(i for i, *_ in splits) + 1
+    hits, counts = torch.zeros(n_ratios, n), torch.zeros(n_ratios, n)
+    for (i, _, ho, _), c in zip(splits, correct):
+        c = torch.as_tensor(c).float().cpu()
+        hits[i, ho] += c[ho] if len(c) == n and len(ho) != n else c
         counts[i, ho] += 1
     per_ratio = hits / counts
     return dict(score=per_ratio.nanmean(0), per_ratio=per_ratio, counts=counts)
+
+
+def cscore_holdout(fit_predict, n: int, ratios=(0.25, 0.5, 0.75), runs: int = 4, seed: int = 0, cache=None,
+                   tag: dict | None = None, progress: bool = True) -> dict:
+    r"""Hold-out estimate of Jiang et al.'s consistency score C(x, y) = E_{D ~ P^n}[P(f(x; A(D)) = y)].
+
+    For each run of :func:`cscore_splits`, ``fit_predict(train_idx, heldout_idx, run_seed)`` trains on the subset
+    and returns the correctness (len(heldout),) of the held-out examples; :func:`cscore_from_runs` averages them.
+    Every run is a cached job (:func:`mpe.retrain.run_jobs`), keyed by ``tag`` (data, model, training settings).
+    For a sweep of small models trained from scratch, :func:`mpe.retrain.subset_fits` over the same splits trains
+    many at once.
+    """
+    from .retrain import job_key, run_jobs
+
+    splits = cscore_splits(n, ratios, runs, seed)
+    keys = [job_key(study="cscore", ratio=ratios[i], run=j % runs, seed=seed, n=n, **(tag or {}))
+            for j, (i, *_) in enumerate(splits)]
+    jobs = {key: (lambda tr=tr, ho=ho, rs=rs: torch.as_tensor(fit_predict(tr, ho, rs)).float().cpu())
+            for key, (_, tr, ho, rs) in zip(keys, splits)}
+    res = run_jobs(jobs, cache, progress=progress, desc="C-score hold-out runs")
+    return cscore_from_runs(splits, [res[k] for k in keys], n)
 
 
 def detection_curve(score: torch.Tensor, positive: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -255,3 +255,32 @@ def test_sgd_recipe_is_torch_sgd_with_per_example_weight_decay():
     torch.testing.assert_close(flat_params(ours), flat_params(ref))
     assert sgd_recipe(20, epochs=2, lr=0.1, momentum=0.5, batch_size=4) == sgd_recipe(
         20, epochs=2, lr=0.1, momentum=0.5, batch_size=4, weight_decay=0.0, milestones=[60, 120, 160])
+
+
+def test_cscore_from_subset_fits_equals_cscore_holdout(tmp_path):
+    """The notebook's route (splits, then subset_fits returning correctness on all N, then cscore_from_runs) gives
+    the C-scores of cscore_holdout with per-run held-out predictions."""
+    from mpe.models import get_model
+    from mpe.regularity import cscore_from_runs, cscore_holdout, cscore_splits
+    from mpe.retrain import subset_fits
+    from mpe.train import predict, train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 4, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    kw = dict(epochs=2, lr=0.1, batch_size=8)
+
+    def fit_predict(tr, ho, seed):
+        net = get_model("mlp", (1, 4, 4), 3, seed=seed)
+        train(net, x[tr], y[tr], seed=seed, **kw)
+        return (predict(net, x[ho]).argmax(1) == y[ho]).float()
+
+    ref = cscore_holdout(fit_predict, 40, ratios=(0.25, 0.5), runs=3, progress=False)
+    splits = cscore_splits(40, (0.25, 0.5), 3)
+    correct = subset_fits(lambda s: get_model("mlp", (1, 4, 4), 3, seed=s), x, y, [(tr, s) for _, tr, _, s in splits],
+                          kw, lambda net: (predict(net, x).argmax(1) == y).float(), dict(t=2), tmp_path,
+                          vectorise=False, progress=False)  # the route, not train_many (tested on its own)
+    got = cscore_from_runs(splits, correct, 40)
+    assert got["counts"].sum() == sum(len(ho) for _, _, ho, _ in splits)
+    torch.testing.assert_close(got["per_ratio"], ref["per_ratio"], equal_nan=True)
+    with pytest.raises(ValueError, match="ratios"):
+        cscore_splits(40, (0.0, 0.5), 3)
