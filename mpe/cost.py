@@ -124,6 +124,10 @@ def sweep_times(n_models: int = 32, models=("softmax_regression", "mlp"), epochs
     for name in models:
         specs = [dict(model=name, m=m, recipe=recipe) for m in range(n_models)]
         seq = _timed(lambda: [_bench_fit(spec) for spec in specs])
+        # torch.func compiles its vmapped program once per process (~2 s): a two-model, one-epoch run pays it before
+        # the clock starts, as a long sweep pays it once
+        train_many([get_model(name, data.shape, 10, seed=m) for m in range(2)], data.x_train, data.y_train,
+                   subsets[:2], [0, 1], **dict(recipe, epochs=1))
         nets = [get_model(name, data.shape, 10, seed=m) for m in range(n_models)]
         vec = _timed(lambda: train_many(nets, data.x_train, data.y_train, subsets, list(range(n_models)), **recipe))
         rows.append(dict(measure=f"{n_models} x {name}: vectorised vs one after another", baseline_s=seq,

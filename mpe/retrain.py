@@ -21,7 +21,7 @@ import torch
 from .train import flat_params, predict, set_flat_params, train, train_many, vectorisable
 
 __all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache", "subset_runs",
-           "subset_fits", "vectorise_pays", "save_result", "JobsFailed"]
+           "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed"]
 
 
 def default_cache(name: str) -> Path:
@@ -80,6 +80,22 @@ def save_result(path: Path, result) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def load_cached(keys, cache: Path | None) -> tuple[dict, dict]:
+    """The results of ``keys`` already in ``cache`` ({key: result}) and the cache path of each missing key
+    ({key: path, or None without a cache}), in the order of ``keys`` (repeated keys once). Creates ``cache``."""
+    results, missing = {}, {}
+    if cache is not None:
+        cache = Path(cache)
+        cache.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        path = cache / f"{key}.pt" if cache is not None else None
+        if path is not None and path.exists():
+            results[key] = torch.load(path, weights_only=False)
+        else:
+            missing[key] = path
+    return results, missing
+
+
 class JobsFailed(RuntimeError):
     """Some jobs of a sweep raised; the others' results are cached. ``failed`` maps key -> (spec, exception)."""
 
@@ -120,16 +136,8 @@ def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc:
     finished jobs. A job that raises does not stop the others: they finish and are cached, then :class:`JobsFailed`
     names every failed key with its description.
     """
-    results, todo = {}, []
-    if cache is not None:
-        cache = Path(cache)
-        cache.mkdir(parents=True, exist_ok=True)
-    for key, fn in jobs.items():
-        path = cache / f"{key}.pt" if cache is not None else None
-        if path is not None and path.exists():
-            results[key] = torch.load(path, weights_only=False)
-        else:
-            todo.append((key, fn, path))
+    results, paths = load_cached(jobs, cache)
+    todo = [(key, jobs[key], path) for key, path in paths.items()]
     if not todo:
         return results
     bar = None
@@ -266,15 +274,9 @@ def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, 
     one file per run, so an interrupted sweep resumes."""
     recipe = train_kw if callable(train_kw) else (lambda n: train_kw)
     keys = _subset_keys(subsets, tag)
-    results, todo = {}, {}
-    for key, (idx, seed) in zip(keys, subsets):
-        path = Path(cache) / f"{key}.pt" if cache is not None else None
-        if path is not None and path.exists():
-            results[key] = torch.load(path, weights_only=False)
-        elif key not in todo:
-            todo[key] = (torch.as_tensor(idx).long(), int(seed), path)
-    if cache is not None:
-        Path(cache).mkdir(parents=True, exist_ok=True)
+    results, paths = load_cached(keys, cache)
+    spec = dict(zip(keys, subsets))
+    todo = {k: (torch.as_tensor(spec[k][0]).long(), int(spec[k][1]), path) for k, path in paths.items()}
     groups = {}
     for key, (idx, seed, path) in todo.items():
         groups.setdefault(len(idx), []).append(key)

@@ -347,6 +347,7 @@ def train_many(models: list, x: torch.Tensor, y: torch.Tensor, subsets=None, see
     kept = torch.stack(subsets).to(device)  # (M, n) indices into x
     losses = torch.zeros(m_all, epochs)
     states = [SimpleNamespace(model=None, optimizer=None, epoch=0, step=0, n=n, stop=False) for _ in range(m_all)]
+    watched = [m for m in range(m_all) if callbacks[m]]  # models with callbacks: the others need no bookkeeping
 
     def call(hook, m, *args):
         for cb in callbacks[m]:
@@ -364,7 +365,7 @@ def train_many(models: list, x: torch.Tensor, y: torch.Tensor, subsets=None, see
             if augment != "none":
                 xb = torch.stack([augmented(xb[m], augment, gens[m]) for m in range(m_all)])
             local = order[:, start:start + bs]  # positions in each model's subset, as train's callbacks see them
-            for m in range(m_all):
+            for m in watched:
                 states[m].batch = (xb[m], yb[m])
                 call("on_batch_start", m, local[m])
             logits = forward(params, xb)  # (M, B, K)
@@ -381,15 +382,15 @@ def train_many(models: list, x: torch.Tensor, y: torch.Tensor, subsets=None, see
                 bad = torch.nonzero(~torch.isfinite(per)).flatten().tolist()
                 raise FloatingPointError(f"training diverged at epoch {epoch} for models {bad}; lower lr")
             total += per.detach() * idx.shape[1]
-            for m in range(m_all):
+            for m in watched:
                 states[m].step += 1
                 call("on_batch_end", m, local[m], logits[m].detach(), yb[m])
         sched.step()
         losses[:, epoch] = total.cpu() / n
-        for m in range(m_all):
+        for m in watched:
             states[m].epoch = epoch + 1
             call("on_epoch_end", m)
-        stops = {s.stop for s in states}
+        stops = {states[m].stop for m in watched} | ({False} if len(watched) < m_all else set())
         if stops == {True}:
             losses = losses[:, :epoch + 1]
             break

@@ -74,6 +74,14 @@ def test_train_many_callbacks_see_what_train_callbacks_see():
         torch.testing.assert_close(a[1].total, b[1].total)
 
 
+def test_train_many_refuses_to_stop_only_the_models_with_callbacks():
+    """A model without callbacks keeps training while another's stop_after fires: train_many cannot split them."""
+    x, y = data()
+    nets = [get_model("mlp", (1, 8, 8), 3, seed=s) for s in (1, 2)]
+    with pytest.raises(ValueError, match="stopped some models but not all"):
+        train_many(nets, x, y, subsets(sizes=(40, 40)), [1, 2], callbacks=[[stop_after(1)], []], epochs=3, lr=0.1)
+
+
 def test_vectorise_pays_for_small_steps_on_a_cpu():
     x1 = torch.zeros(1, 1, 28, 28)
     assert vectorise_pays(get_model("mlp", (1, 28, 28), 10), x1, 64, 1000)  # 3.3 MFLOP per step
