@@ -67,10 +67,14 @@ def forgetting_counts(correct: torch.Tensor) -> torch.Tensor:
     return torch.where(r["never"], torch.full_like(r["events"], float("inf")), r["events"])
 
 
-def regularity(correct: torch.Tensor) -> dict:
+def regularity(correct: torch.Tensor, burn_in: int = 0) -> dict:
     r"""Sample-regularity measures from a correctness history (T, N) (notes on the regularity paper, §1.2,
     reconstructed): for training examples the per-visit correctness (:class:`VisitRecorder`), for test examples the
     correctness at each evaluation (e.g. :class:`mpe.train.PerExampleRecorder` at every epoch end).
+
+    ``burn_in`` leaves out the first evaluations (0: all, as the papers count). Online visits of the first epoch are
+    recorded while the network learns within that epoch, so whether an example is right there depends mostly on when
+    its minibatch came; one epoch of burn-in removes that position noise from CBTL and forgetting events.
 
     - ``cb``: the cumulative number of correct classifications, CBTL (train) or CBGL (test), (N,);
     - ``cb_norm``: the same divided by the number of evaluations T (Jiang et al.'s cumulative accuracy), in [0, 1];
@@ -81,6 +85,9 @@ def regularity(correct: torch.Tensor) -> dict:
     c = torch.as_tensor(correct, dtype=torch.float)
     if c.dim() != 2 or not torch.all((c == 0) | (c == 1)):
         raise ValueError("correct must be a (T, N) tensor of 0/1 values (no missing visits)")
+    if not 0 <= burn_in < c.shape[0]:
+        raise ValueError(f"burn_in must lie in [0, T) = [0, {c.shape[0]}), got {burn_in}")
+    c = c[burn_in:]
     t = c.shape[0]
     events = ((c[:-1] == 1) & (c[1:] == 0)).sum(0).float()
     never = ~(c == 1).any(0)

@@ -104,6 +104,13 @@ def test_regularity_measures_on_hand_made_sequences():
     assert torch.all(rand["events"] <= torch.minimum(rand["cb"], 20 - rand["cb"]))
     with pytest.raises(ValueError, match="0/1"):
         regularity(torch.full((3, 2), float("nan")))
+    # one evaluation of burn-in: the sequences lose their first column, T becomes 3
+    b = regularity(per_example.T, burn_in=1)
+    assert b["cb"].tolist() == [3, 0, 1, 3]
+    torch.testing.assert_close(b["cb_norm"], torch.tensor([1.0, 0.0, 1 / 3, 1.0]))
+    assert b["events"].tolist() == [0, 0, 1, 0] and b["events_for_sorting"].tolist() == [0, 3, 1, 0]
+    with pytest.raises(ValueError, match="burn_in"):
+        regularity(per_example.T, burn_in=4)
 
 
 # ---- the regularity paper's measures and the Toneva / Jiang baselines, on hand-made values -------------------------
