@@ -23,7 +23,7 @@ help:  ## list the targets
 	@echo "make figures-<paper>   only one paper's notebooks ($(PAPERS))"
 	@echo "make test              unit tests + nbval regression checks of every notebook (quick profile)"
 	@echo "make test-kernels      one notebook per paper under torch's portable CPU kernels (part of make test)"
-	@echo "make smoke [DEVICE=cuda]  every paper profile, shrunk to tiny data, on DEVICE (the GPU check: minutes)"
+	@echo "make smoke [DEVICE=cuda]  every paper profile and variant, shrunk to tiny data, on DEVICE (the GPU check: minutes)"
 	@echo "make unit              unit tests only"
 	@echo "make bench             a retraining sweep vectorised / on Dask / one after another; per-example gradients"
 	@echo "make lab               JupyterLab on notebooks/"
@@ -85,7 +85,8 @@ test-kernels: env data-quick  ## the KERNEL_NOTEBOOKS under torch's portable ker
 	$(PY) -m mpe.harness compare build/test-figures-default/quick
 
 # The paper profile of every notebook and variant, shrunk (params/shrunk/), on DEVICE: on a GPU this is the check that
-# nothing mixes devices before hours of compute are spent. Part of make test on the CPU.
+# nothing mixes devices before hours of compute are spent. make test runs the notebooks' own paper profiles, shrunk,
+# on the CPU; the variants (CIFAR-10, Split CIFAR) only here, as their mechanisms have unit tests of their own.
 smoke: env data-quick
 	MPE_SMOKE_DEVICE=$(DEVICE) MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) -rfE tests/test_paper_profiles.py
 

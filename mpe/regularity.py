@@ -245,8 +245,9 @@ def unified_runs(data, model: str, seeds, *, device=None, offline: bool = True, 
             return unified_run(net, data, offline=offline, seed=seed, **train_kw)
         return run
 
-    keys = {seed: job_key(study="unified_run", data=digest, model=model, seed=seed, offline=offline, **train_kw)
-            for seed in seeds}
+    dev = torch.device(device).type if device is not None else "cpu"
+    keys = {seed: job_key(study="unified_run", data=digest, model=model, seed=seed, offline=offline, device=dev,
+                          **train_kw) for seed in seeds}
     res = run_jobs({keys[s]: job(s) for s in seeds}, cache, progress=progress, desc=f"{model} runs")
     return [res[keys[s]] for s in seeds]
 

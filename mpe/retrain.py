@@ -205,7 +205,8 @@ def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict
         return job
 
     digests = dict(theta=tensor_digest(theta), data=tensor_digest(x) + tensor_digest(y), probe=tensor_digest(probe))
-    return {job_key(group=list(map(int, g)), train=train_kw, **digests, **tag): make(g) for g in removed}
+    device = theta.device.type
+    return {job_key(group=list(map(int, g)), train=train_kw, device=device, **digests, **tag): make(g) for g in removed}
 
 
 def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, tag: dict, cache=None,
@@ -225,8 +226,9 @@ def subset_runs(fit, subsets: list, tag: dict, cache=None, desc: str = "retrain"
                 progress: bool = True) -> list:
     """Train from scratch on each kept subset: ``subsets`` is [(kept indices, seed)] and ``fit(kept, seed)`` returns
     the result (e.g. the test accuracy). Each run is a cached job keyed by ``tag`` (data, model and every training
-    setting), the seed and a digest of the kept indices; identical runs are computed once. See :func:`subset_fits`
-    for the vectorised form of the common case."""
+    setting; the device type too where runs leave the CPU, as their rounding differs), the seed and a digest of the
+    kept indices; identical runs are computed once. See :func:`subset_fits` for the vectorised form of the common
+    case."""
     keys = _subset_keys(subsets, tag)
     jobs = {k: (lambda idx=idx, seed=seed: fit(idx, seed)) for k, (idx, seed) in zip(keys, subsets)}
     res = run_jobs(jobs, cache, progress=progress, desc=desc, executor=executor)

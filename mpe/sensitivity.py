@@ -164,7 +164,9 @@ def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500,
                         loo_per_example=per_example, test_per_example=test_per_example)
         return run
 
-    jobs = {job_key(delta=float(d), fit_iters=fit_iters, posterior=posterior, **(tag or {})): job(d) for d in deltas}
+    device = next(make_model().parameters()).device.type  # part of the key: results round differently per device
+    jobs = {job_key(delta=float(d), fit_iters=fit_iters, posterior=posterior, device=device, **(tag or {})): job(d)
+            for d in deltas}
     res = run_jobs(jobs, cache, desc="δ sweep")
     return [res[k] for k in jobs]
 
