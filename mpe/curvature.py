@@ -23,7 +23,6 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 __all__ = ["jacobians", "per_example_grads", "softmax_hessian", "sqrt_softmax_hessian", "ggn_full", "ggn_diag",
-           "ggn_diag_linear",
            "kfac_factors", "Posterior", "full_posterior", "diag_posterior", "kfac_posterior", "laplace_posterior",
            "ivon_posterior", "adam_posterior", "predictive_covariance", "whitened_jacobians", "auto_chunk"]
 
@@ -117,10 +116,30 @@ def ggn_full(model: nn.Module, x: torch.Tensor, chunk: int | None = None) -> tor
 
 
 def ggn_diag(model: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """diag(G) = Σ_i Σ_c (J_iᵀ L_i[:, c])², shape (P,)."""
-    probs, out = _probs(model, x), 0
-    for sl, J in jacobians(model, x, chunk):
-        out = out + torch.einsum("nkp,nkc->ncp", J, sqrt_softmax_hessian(probs[sl])).pow(2).sum((0, 1))
+    r"""diag(G) = Σ_i Σ_c (J_iᵀ L_i[:, c])², shape (P,).
+
+    For a model built from Linear and Conv2d layers, from each layer's inputs a and output gradients g: the
+    per-example GGN column c of a layer is Σ_t (L_iᵀ g_it)_c a_itᵀ (rank one for a dense layer, whose square is then
+    g_c² (a²)ᵀ), so a chunk costs one batched forward and K backward passes instead of a Jacobian per example. Other
+    models go through :func:`jacobians`.
+    """
+    layers = _layer_route(model)
+    if layers is None:
+        probs, out = _probs(model, x), 0
+        for sl, J in jacobians(model, x, chunk):
+            out = out + torch.einsum("nkp,nkc->ncp", J, sqrt_softmax_hessian(probs[sl])).pow(2).sum((0, 1))
+        return out
+    out = 0
+    for _, logits, io in _layer_io(model, x, chunk or _layer_chunk(layers)):
+        L = sqrt_softmax_hessian(torch.softmax(logits, 1))
+        parts = []
+        for a, g in io:
+            gc = torch.einsum("nkc,nkto->ncto", L, g)  # output gradients of the columns of L_iᵀ f_i
+            if a.shape[1] == 1:
+                parts.append(torch.einsum("nco,nd->od", gc[:, :, 0].pow(2), a[:, 0].pow(2)))
+            else:
+                parts.append(torch.einsum("ncto,ntd->ncod", gc, a).pow(2).sum((0, 1)))
+        out = out + _to_flat(layers, parts)
     return out
 
 
@@ -257,39 +276,58 @@ def _layer_io(model, x, batch_size=256):
         model.train(was_training)
 
 
-def ggn_diag_linear(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """diag(G) (P,) as :func:`ggn_diag`, but from layer inputs a and output gradients g: for a Linear layer the
-    per-example GGN column c is g_c aᵀ, so its square is g_c² (a²)ᵀ — K backward passes per batch instead of one
-    Jacobian per example. Models with other parametrised layers go to :func:`ggn_diag`."""
-    layers = _layers(model)
-    if not all(isinstance(m, nn.Linear) for m, _, _ in layers):
-        return ggn_diag(model, x)
-    p = next(model.parameters())
-    out = torch.zeros(sum(q.numel() for q in model.parameters()), dtype=p.dtype, device=p.device)
-    for _, logits, io in _layer_io(model, x, batch_size):
-        L = sqrt_softmax_hessian(torch.softmax(logits, 1))
-        for (m, w_off, b_off), (a, g) in zip(layers, io):
-            gc = torch.einsum("nkc,nko->nco", L, g[:, :, 0])
-            d = torch.einsum("nco,nd->od", gc.pow(2), a[:, 0].pow(2)).to(out.device)
-            out[w_off:w_off + m.weight.numel()] += d[:, :m.in_features].reshape(-1)
-            if b_off is not None:
-                out[b_off:b_off + m.out_features] += d[:, m.in_features]
+def _layer_route(model: nn.Module):
+    """:func:`_layers` of a model whose parameters all sit in Linear or Conv2d layers (the layer-wise route of
+    :func:`ggn_diag` and :func:`predictive_covariance`), else None."""
+    try:
+        return _layers(model)
+    except NotImplementedError:
+        return None
+
+
+def _layer_chunk(layers) -> int:
+    """Examples per chunk of the layer route: a convolution's per-example Jacobian (n, K, out, D) within budget (K
+    read off the last layer)."""
+    k = layers[-1][0].weight.shape[0]
+    conv = [m.weight.numel() for m, _, _ in layers if isinstance(m, nn.Conv2d)]
+    return min(256, auto_chunk(k, max(conv, default=1)))
+
+
+def _to_flat(layers, parts) -> torch.Tensor:
+    """Per-layer (out, D) blocks, bias in the last column where there is one, as one vector in parameter order."""
+    out = torch.empty(sum(d.numel() for d in parts), dtype=parts[0].dtype, device=parts[0].device)
+    for (m, w_off, b_off), d in zip(layers, parts):
+        nw = m.weight[0].numel()
+        out[w_off:w_off + m.weight.numel()] = d[:, :nw].reshape(-1)
+        if b_off is not None:
+            out[b_off:b_off + len(d)] = d[:, nw]
     return out
 
 
-def _kfac_cov(model, x, post, batch_size=256):
-    r"""V_i = Σ_layers J̃_i P̃⁻¹ J̃_iᵀ in the Kronecker eigenbasis, from layer inputs and output gradients.
+def _from_flat(layers, v) -> list[torch.Tensor]:
+    """Inverse of :func:`_to_flat`: a vector in parameter order as per-layer (out, D) blocks."""
+    parts = []
+    for m, w_off, b_off in layers:
+        o = m.weight.shape[0]
+        d = v[w_off:w_off + m.weight.numel()].reshape(o, -1)
+        parts.append(d if b_off is None else torch.cat([d, v[b_off:b_off + o, None]], 1))
+    return parts
 
-    For a layer, ∂f_ik/∂W = Σ_t g_ikt a_itᵀ; in the eigenbasis J̃_k = Σ_t (U_Gᵀ g_ikt)(U_Aᵀ a_it)ᵀ and the precision
-    is diagonal there, λ^G_o λ^A_j / count + δ. A rank-one shortcut (T = 1) avoids forming J̃ for dense layers.
+
+def _layer_cov(model, x, blocks, batch_size=256):
+    r"""V_i = Σ_layers J̃_i P̃⁻¹ J̃_iᵀ from layer inputs and output gradients, the precision P̃ diagonal in a basis.
+
+    ``blocks`` has per layer (U_A or None, U_G or None, prec (out, D)): the layer's Jacobian ∂f_ik/∂W = Σ_t g_ikt
+    a_itᵀ in the basis J̃_k = Σ_t (U_Gᵀ g_ikt)(U_Aᵀ a_it)ᵀ (K-FAC's eigenbases; None: the parameters' own, for a
+    diagonal S) has the precision ``prec``. A rank-one shortcut (T = 1) avoids forming J̃ for dense layers.
     """
     out = []
     for _, logits, io in _layer_io(model, x, batch_size):
         n, k = logits.shape
         V = torch.zeros(n, k, k, dtype=logits.dtype, device=logits.device)
-        for (a, g), (Ua, la, Ug, lg, count) in zip(io, post.data):
-            at, gt = a @ Ua, g @ Ug  # (n, T, D), (n, K, T, out)
-            prec = lg[:, None] * la[None, :] / count + post.delta  # (out, D)
+        for (a, g), (Ua, Ug, prec) in zip(io, blocks):
+            at = a if Ua is None else a @ Ua  # (n, T, D)
+            gt = g if Ug is None else g @ Ug  # (n, K, T, out)
             if a.shape[1] == 1:
                 w = at[:, 0].pow(2) @ (1 / prec).T  # (n, out): Σ_j ã_j² / prec_oj
                 V += torch.einsum("nko,nlo,no->nkl", gt[:, :, 0], gt[:, :, 0], w)
@@ -298,6 +336,12 @@ def _kfac_cov(model, x, post, batch_size=256):
                 V += torch.einsum("nkod,nlod->nkl", Jt / prec, Jt)
         out.append(V)
     return torch.cat(out)
+
+
+def _kfac_cov(model, x, post, batch_size=256):
+    """V_i for a K-FAC posterior: in each layer's Kronecker eigenbasis the precision is λ^G_o λ^A_j / count + δ."""
+    return _layer_cov(model, x, [(Ua, Ug, lg[:, None] * la[None, :] / count + post.delta)
+                                 for Ua, la, Ug, lg, count in post.data], batch_size)
 
 
 def whitened_jacobians(model: nn.Module, x: torch.Tensor, posterior: Posterior) -> torch.Tensor:
@@ -331,6 +375,9 @@ def predictive_covariance(model: nn.Module, x: torch.Tensor, posterior: Posterio
     """GLM predictive covariance of the logits V_i = J_i S⁻¹ J_iᵀ for every example, shape (N, K, K)."""
     if posterior.kind == "kfac":
         return _kfac_cov(model, x, posterior)
+    if posterior.kind == "diag" and (layers := _layer_route(model)) is not None:
+        return _layer_cov(model, x, [(None, None, d) for d in _from_flat(layers, posterior.data)],
+                          chunk or _layer_chunk(layers))
     out = []
     if posterior.kind == "full":
         chol = torch.linalg.cholesky(posterior.data)

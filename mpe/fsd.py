@@ -236,12 +236,12 @@ def quadratic(model0: nn.Module, x: torch.Tensor, form: str = "diag", outputs=No
     over x, computed once here: "diag" (EWC; P numbers) or "kfac" (per Linear/Conv2d layer (1/T) A ⊗ G from
     :func:`mpe.curvature.kfac_factors`). Returns ``penalty(model1) -> scalar``, differentiable in ``model1``, with
     ``penalty.solve(v, λ)`` = (Ĝ + λI)⁻¹ v for a flat v (P,) in ``parameters()`` order, exact for either form."""
-    from .curvature import ggn_diag_linear, kfac_factors
+    from .curvature import ggn_diag, kfac_factors
 
     theta0 = [p.detach().clone() for p in model0.parameters()]
     head = Head(model0, outputs)
     if form == "diag":
-        g = ggn_diag_linear(head, x) / len(x)
+        g = ggn_diag(head, x) / len(x)
 
         def penalty(model1):
             d = torch.cat([(p1 - p0).reshape(-1) for p0, p1 in zip(theta0, model1.parameters())])

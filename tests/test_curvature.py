@@ -127,12 +127,30 @@ def test_ivon_and_adam_variances():
     torch.testing.assert_close(C.adam_posterior(adam, 8, 0.5).data, 8 * v.sqrt() + 0.5)
 
 
-def test_ggn_diag_linear_equals_the_jacobian_diagonal(f64):
+def test_layer_route_equals_the_jacobians(f64):
+    """ggn_diag and the diagonal-posterior covariance go layer by layer for Linear/Conv2d models: same numbers as
+    the per-example Jacobians (ggn_full's diagonal; J diag(1/s) Jᵀ), with and without biases, in small chunks."""
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4)).double()
-    x = torch.randn(23, 1, 1, 5)
-    torch.testing.assert_close(C.ggn_diag_linear(mlp, x, batch_size=8), C.ggn_diag(mlp, x))
-    nobias = nn.Sequential(nn.Flatten(), nn.Linear(5, 4, bias=False)).double()
-    torch.testing.assert_close(C.ggn_diag_linear(nobias, x), C.ggn_diag(nobias, x))
-    conv = nn.Sequential(nn.Conv2d(1, 2, (1, 3)), nn.Flatten(), nn.Linear(6, 3)).double()
-    torch.testing.assert_close(C.ggn_diag_linear(conv, x), C.ggn_diag(conv, x))  # falls back
+    x = torch.randn(11, 1, 5, 5)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(25, 7), nn.ReLU(), nn.Linear(7, 4)),
+              nn.Sequential(nn.Flatten(), nn.Linear(25, 4, bias=False)),
+              nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(3, 2, 2, bias=False),
+                            nn.Flatten(), nn.Linear(2, 3))]
+    for model in models:
+        model = model.double()
+        assert C._layer_route(model) is not None
+        J = brute_jacobian(model, x)
+        torch.testing.assert_close(C.ggn_diag(model, x, chunk=4), torch.diagonal(C.ggn_full(model, x)))
+        s = torch.rand(J.shape[2], dtype=torch.float64) + 0.5
+        torch.testing.assert_close(C.predictive_covariance(model, x, C.Posterior("diag", s), chunk=4),
+                                   (J / s) @ J.transpose(1, 2))
+
+
+def test_models_outside_the_layer_route_use_the_jacobians(f64):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.Flatten(), nn.Linear(18, 3)).double()
+    x = torch.randn(5, 1, 5, 5)
+    assert C._layer_route(model) is None
+    J = brute_jacobian(model, x)
+    s = torch.rand(J.shape[2], dtype=torch.float64) + 0.5
+    torch.testing.assert_close(C.ggn_diag(model, x), torch.diagonal(C.ggn_full(model, x)))
+    torch.testing.assert_close(C.predictive_covariance(model, x, C.Posterior("diag", s)), (J / s) @ J.transpose(1, 2))
