@@ -29,7 +29,7 @@ from .data import Data, load, permute_pixels
 from .train import predict, train
 
 __all__ = ["Task", "split_tasks", "split_cifar_tasks", "permuted_tasks", "benchmark", "BENCHMARKS", "METHODS",
-           "regulariser", "run_continual"]
+           "regulariser", "run_continual", "validation_tasks", "best_lambda"]
 
 METHODS = ("finetune", "ewc", "kfac", "coreset", "laftr")
 BENCHMARKS = ("split_mnist", "permuted_mnist", "split_cifar")
@@ -83,6 +83,27 @@ def permuted_tasks(data: Data, n_tasks: int) -> list[Task]:
         d = data if k == 0 else permute_pixels(data, seed=k)
         out.append(Task(d.x_train, d.y_train, d.x_test, d.y_test, None))
     return out
+
+
+def validation_tasks(tasks: list[Task], frac: float = 0.2, seed: int = 0) -> list[Task]:
+    """The same tasks with a share ``frac`` of each task's training examples held out as its test set: the tasks on
+    which a hyperparameter such as λ is chosen, so that the real test sets judge only the chosen setting."""
+    if not 0 < frac < 1:
+        raise ValueError(f"frac must lie strictly between 0 and 1, got {frac}")
+    out = []
+    for k, t in enumerate(tasks):
+        order = torch.randperm(len(t.x_train), generator=torch.Generator().manual_seed(seed + k))
+        n_val = max(1, int(frac * len(order)))
+        val, keep = order[:n_val], order[n_val:]
+        out.append(Task(t.x_train[keep], t.y_train[keep], t.x_train[val], t.y_train[val], t.outputs))
+    return out
+
+
+def best_lambda(accuracy: dict) -> float:
+    """The λ of ``{λ: accuracies}`` with the highest mean accuracy (ties: the smaller λ, the weaker assumption)."""
+    if not accuracy:
+        raise ValueError("no λ to choose from")
+    return max(sorted(accuracy), key=lambda lam: (sum(accuracy[lam]) / len(accuracy[lam]), -lam))
 
 
 def benchmark(name: str, *, dataset: str = "mnist5k", hidden=(100, 100), n_tasks: int = 3,

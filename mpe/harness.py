@@ -56,7 +56,7 @@ def check_params(**params) -> dict:
 
     Known names are checked against their registries (profile, device, dataset, model, optimizer, form, augment,
     schedule); names ending in ``_n``/``n_``/``epochs``/``lr``/``delta`` must be positive numbers; ``sketch`` is None
-    or a positive integer.
+    or a positive integer; ``lam``/``lams`` positive.
     """
     from . import DEVICES
     from .data import AUGMENTATIONS, DATASETS
@@ -74,7 +74,7 @@ def check_params(**params) -> dict:
         elif name == "sketch":
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"parameter sketch must be None (exact features) or a positive integer, got {value!r}")
-        elif name.startswith("n_") or name.endswith(("epochs", "lr", "delta")):
+        elif name.startswith("n_") or name.endswith(("epochs", "lr", "delta", "lam", "lams")):
             for v in (value if isinstance(value, (list, tuple)) else [value]):
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                     raise ValueError(f"parameter {name} must be a positive number, got {v!r}")

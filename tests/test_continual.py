@@ -110,3 +110,30 @@ def test_benchmarks_name_their_tasks_and_networks():
                                                                          list(range(10, 20)))
     with pytest.raises(ValueError, match="valid choices: split_mnist"):
         benchmark("split_fmnist")
+
+
+def test_validation_tasks_hold_out_training_examples_only():
+    from mpe.continual import Task, validation_tasks
+
+    x = torch.arange(50.0).reshape(50, 1)
+    tasks = [Task(x, torch.arange(50) % 2, x[:5] + 100, torch.zeros(5, dtype=torch.long), [0, 1]),
+             Task(x + 50, torch.arange(50) % 3, x[:5] + 200, torch.zeros(5, dtype=torch.long), None)]
+    val = validation_tasks(tasks, frac=0.2, seed=1)
+    for t, v in zip(tasks, val):
+        assert len(v.x_test) == 10 and len(v.x_train) == 40 and v.outputs == t.outputs
+        both = torch.cat([v.x_train, v.x_test]).flatten().sort().values
+        assert torch.equal(both, t.x_train.flatten())  # a partition of the training examples; the test set unused
+        rows = (v.x_test.flatten() - t.x_train[0, 0]).long()
+        assert torch.equal(v.y_test, t.y_train[rows])  # labels travel with their inputs
+    assert not torch.equal(val[0].x_test, validation_tasks(tasks, frac=0.2, seed=2)[0].x_test)
+    with pytest.raises(ValueError, match="frac"):
+        validation_tasks(tasks, frac=1.0)
+
+
+def test_best_lambda_takes_the_best_mean_and_breaks_ties_low():
+    from mpe.continual import best_lambda
+
+    assert best_lambda({1.0: [0.8, 0.9], 10.0: [0.9, 0.92], 100.0: [0.95, 0.7]}) == 10.0
+    assert best_lambda({30.0: [0.9], 3.0: [0.9]}) == 3.0
+    with pytest.raises(ValueError):
+        best_lambda({})

@@ -19,6 +19,8 @@ def test_parameter_validation_names_valid_choices():
     with pytest.raises(ValueError, match="sketch must be None"):
         harness.check_params(sketch=0.5)
     assert harness.check_params(sketch=None)["sketch"] is None
+    with pytest.raises(ValueError, match="lams must be a positive number, got 0"):
+        harness.check_params(lams=[1.0, 0])
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         harness.check_params(dataset="cifar")
     with pytest.raises(ValueError, match="unknown model"):
