@@ -303,17 +303,27 @@ def windows(order: torch.Tensor, width: int, stride: int) -> list[tuple[int, tor
 
 
 def cscore_splits(n: int, ratios=(0.25, 0.5, 0.75), runs: int = 4, seed: int = 0) -> list[tuple]:
-    """The hold-out runs of :func:`cscore_holdout`: for each ratio s and run r, a random subset of ⌊s N⌋ training
-    examples. Returns [(ratio index, training indices, held-out indices, run seed)], ratio by ratio."""
+    """The hold-out runs of :func:`cscore_holdout`: for each ratio s, ``runs`` runs that train on ⌊s N⌋ examples
+    and hold out the other h = N − ⌊s N⌋. The runs come in rounds of m = ⌈N / h⌉: a round draws one permutation and
+    its run j holds out the window j·h … j·h + h − 1 of it (cyclically), so that every example is held out at least
+    once per complete round — every example gets an estimate at every ratio, instead of the independent draws
+    leaving (1 − h/N)^runs of them without one. Returns [(ratio index, training indices, held-out indices, run
+    seed)], ratio by ratio."""
     if not all(0 < s < 1 for s in ratios) or runs < 1:
         raise ValueError(f"ratios must lie in (0, 1) and runs >= 1, got {ratios}, {runs}")
     splits = []
     for i, s in enumerate(ratios):
+        k = int(s * n)
+        h = n - k
+        m = -(-n // h)  # runs per round
         for r in range(runs):
             run_seed = seed * 100_003 + i * 1009 + r
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(run_seed))
-            k = int(s * n)
-            splits.append((i, perm[:k], perm[k:], run_seed))
+            round_seed = seed * 100_003 + i * 1009 + 500 + r // m
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(round_seed))
+            held = perm[(torch.arange(h) + (r % m) * h) % n]
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[held] = False
+            splits.append((i, torch.nonzero(keep).flatten(), held, run_seed))
     return splits
 
 
@@ -321,7 +331,9 @@ def cscore_from_runs(splits: list, correct: list, n: int) -> dict:
     """C-scores from the runs of :func:`cscore_splits`: ``correct[j]`` is run j's correctness on its held-out
     examples (len(heldout),) or on all N training examples (N,), of which the held-out ones are used. Per ratio, an
     example's score is its mean correctness over the runs that held it out; ``score`` (N,) averages the ratios
-    (Jiang's "integral" C-score). Returns ``score``, ``per_ratio`` (R, N) and ``counts`` (R, N)."""
+    (Jiang's "integral" C-score), and is NaN for an example without an estimate at some ratio (averaging only the
+    ratios it has would mix estimands: smaller training sets give lower scores). Returns ``score``, ``per_ratio``
+    (R, N) and ``counts`` (R, N)."""
     n_ratios = max(i for i, *_ in splits) + 1
     hits, counts = torch.zeros(n_ratios, n), torch.zeros(n_ratios, n)
     for (i, _, ho, _), c in zip(splits, correct):
@@ -329,7 +341,7 @@ def cscore_from_runs(splits: list, correct: list, n: int) -> dict:
         hits[i, ho] += c[ho] if len(c) == n and len(ho) != n else c
         counts[i, ho] += 1
     per_ratio = hits / counts
-    return dict(score=per_ratio.nanmean(0), per_ratio=per_ratio, counts=counts)
+    return dict(score=per_ratio.mean(0), per_ratio=per_ratio, counts=counts)
 
 
 def cscore_holdout(fit_predict, n: int, ratios=(0.25, 0.5, 0.75), runs: int = 4, seed: int = 0, cache=None,

@@ -291,3 +291,28 @@ def test_cscore_from_subset_fits_equals_cscore_holdout(tmp_path):
     torch.testing.assert_close(got["per_ratio"], ref["per_ratio"], equal_nan=True)
     with pytest.raises(ValueError, match="ratios"):
         cscore_splits(40, (0.0, 0.5), 3)
+
+
+def test_cscore_splits_hold_out_every_example_once_per_round():
+    """Rounds of ⌈N/h⌉ runs: each run holds out h = N − ⌊sN⌋ examples, disjoint from its training set, and every
+    complete round holds out every example (at least once; exactly once where h divides N)."""
+    from mpe.regularity import cscore_from_runs, cscore_splits
+
+    n = 30
+    splits = cscore_splits(n, ratios=(0.25, 0.5, 0.8), runs=6, seed=3)
+    for i, s in enumerate((0.25, 0.5, 0.8)):
+        runs = [(tr, ho) for j, tr, ho, _ in splits if j == i]
+        h = n - int(s * n)
+        m = -(-n // h)
+        for tr, ho in runs:
+            assert len(ho) == h and len(tr) == n - h and not set(tr.tolist()) & set(ho.tolist())
+        for start in range(0, len(runs) - m + 1, m):  # complete rounds
+            held = torch.cat([ho for _, ho in runs[start:start + m]])
+            assert set(held.tolist()) == set(range(n))
+            if n % h == 0:
+                assert len(held) == n  # a partition
+    assert not torch.equal(splits[0][2], splits[2][2])  # rounds draw fresh permutations
+    # the integral score is NaN where a ratio has no estimate, never an average of the ratios an example has
+    res = cscore_from_runs([(0, None, torch.tensor([0, 1]), 0), (1, None, torch.tensor([1, 2]), 0)],
+                           [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])], 3)
+    assert res["score"][1] == 0.5 and res["score"][0].isnan() and res["score"][2].isnan()
