@@ -164,6 +164,26 @@ def sweep_times(n_models: int = 32, models=("softmax_regression", "mlp"), epochs
         t_pe = min(_timed(lambda: per_example(params, x, y)) for _ in range(3))
         rows.append(dict(measure=f"per-example gradients of 1,000 examples, {name}, vs one batched backward",
                          baseline_s=t_batch, new_s=t_pe, speedup=t_batch / t_pe))
+    rows += mpe_times(data)
+    return rows
+
+
+def mpe_times(data, n: int = 4000, batch_size: int = 128) -> list[dict]:
+    """The MPE of all N examples (a Laplace posterior fitted on the N examples, then every V_i = J_i S⁻¹ J_iᵀ) against
+    one training epoch on them, for the MLP and LeNet-5 and the diagonal and K-FAC posteriors (issue target: at most
+    one epoch for LeNet-5). ``speedup`` < 1 means the MPE costs more than an epoch: 1 / speedup epochs."""
+    from .curvature import laplace_posterior, predictive_covariance
+
+    x, y = data.x_train[:n], data.y_train[:n]
+    rows = []
+    for name in ("mlp", "lenet5"):
+        net = get_model(name, data.shape, 10, seed=0)
+        train(net, x[:2 * batch_size], y[:2 * batch_size], epochs=1, lr=0.01, batch_size=batch_size)  # warm-up
+        epoch = _timed(lambda: train(net, x, y, epochs=1, lr=0.01, batch_size=batch_size))
+        for kind in ("diag", "kfac"):
+            t = _timed(lambda: predictive_covariance(net, x, laplace_posterior(kind, net, x, 1.0)))
+            rows.append(dict(measure=f"MPE of all {n:,} examples, {name}, {kind} posterior, vs one epoch",
+                             baseline_s=epoch, new_s=t, speedup=epoch / t))
     return rows
 
 
