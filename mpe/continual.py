@@ -99,11 +99,15 @@ def validation_tasks(tasks: list[Task], frac: float = 0.2, seed: int = 0) -> lis
     return out
 
 
-def best_lambda(accuracy: dict) -> float:
-    """The λ of ``{λ: accuracies}`` with the highest mean accuracy (ties: the smaller λ, the weaker assumption)."""
-    if not accuracy:
+def best_lambda(lams, accuracies) -> float:
+    """The λ with the highest mean accuracy over the runs given as parallel sequences ``lams`` and ``accuracies``
+    (several runs of one λ are averaged; ties: the smaller λ, the weaker assumption)."""
+    runs = {}
+    for lam, acc in zip(lams, accuracies):
+        runs.setdefault(float(lam), []).append(float(acc))
+    if not runs:
         raise ValueError("no λ to choose from")
-    return max(sorted(accuracy), key=lambda lam: (sum(accuracy[lam]) / len(accuracy[lam]), -lam))
+    return max(sorted(runs), key=lambda lam: (sum(runs[lam]) / len(runs[lam]), -lam))
 
 
 def benchmark(name: str, *, dataset: str = "mnist5k", hidden=(100, 100), n_tasks: int = 3,

@@ -133,7 +133,7 @@ def test_validation_tasks_hold_out_training_examples_only():
 def test_best_lambda_takes_the_best_mean_and_breaks_ties_low():
     from mpe.continual import best_lambda
 
-    assert best_lambda({1.0: [0.8, 0.9], 10.0: [0.9, 0.92], 100.0: [0.95, 0.7]}) == 10.0
-    assert best_lambda({30.0: [0.9], 3.0: [0.9]}) == 3.0
+    assert best_lambda([1.0, 10.0, 100.0, 1.0, 10.0, 100.0], [0.8, 0.9, 0.95, 0.9, 0.92, 0.7]) == 10.0
+    assert best_lambda([30.0, 3.0], [0.9, 0.9]) == 3.0
     with pytest.raises(ValueError):
-        best_lambda({})
+        best_lambda([], [])
