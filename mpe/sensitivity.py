@@ -140,8 +140,10 @@ def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500,
     """Fig. 4/7: for each prior precision δ, fit θ_*(δ) from the same initialisation, then the LOO-CV estimate.
 
     ``make_model()`` must return the same initialisation every call. Each δ is a cached job. Returns one dict per δ:
-    ``delta``, ``loo`` {form: mean LOO NLL}, ``test_nll``, ``test_err``, ``train_nll``, ``train_err``, and the
-    per-example values behind the means (for intervals): ``loo_per_example`` {form: (N,)}, ``test_per_example`` (M,).
+    ``delta``, ``loo`` {form: mean LOO NLL}, ``test_nll``, ``test_err``, ``train_nll``, ``train_err``, the
+    per-example values behind the means (for intervals): ``loo_per_example`` {form: (N,)}, ``test_per_example`` (M,),
+    and the leverage of every training example (:func:`leverage`, (N,)): where it nears 1 the first-order forms miss
+    most of an example's pull on its own prediction.
     """
 
     if posterior not in C.LAPLACE:  # fail before any training
@@ -161,7 +163,8 @@ def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500,
             test_per_example = F.cross_entropy(test_logits, y_test.to(test_logits.device), reduction="none").cpu()
             return dict(delta=float(delta), loo={f: float(v.mean()) for f, v in per_example.items()},
                         test_nll=test_nll, test_err=test_err, train_nll=train_nll, train_err=train_err,
-                        loo_per_example=per_example, test_per_example=test_per_example)
+                        loo_per_example=per_example, test_per_example=test_per_example,
+                        leverage=leverage(torch.softmax(logits, 1), V).detach().cpu())
         return run
 
     device = next(make_model().parameters()).device.type  # part of the key: results round differently per device
