@@ -10,6 +10,7 @@ small models trained from scratch (:func:`subset_fits`) train many models in one
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -210,14 +211,44 @@ def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict
 
 
 def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, tag: dict, cache=None,
-                      desc: str = "retrain"):
+                      desc: str = "retrain", vectorise="auto", chunk: int = 32):
     """Softmax outputs on ``probe`` after warm-started retraining without each group, and for a reference run.
 
     The reference is the same protocol on all the data, so comparing with it cancels any drift of an imperfectly
-    converged θ_*. Returns (reference (M, K), [outputs (M, K) per group]); every run is a cached job.
+    converged θ_*. Returns (reference (M, K), [outputs (M, K) per group]); every run is a cached job. Minibatch
+    recipes that :func:`mpe.train.train_many` can vectorise run up to ``chunk`` retrains at a time where it pays
+    (``vectorise="auto"``, :func:`vectorise_pays`; equal to the one-by-one jobs to float rounding, same cache keys).
     """
-    jobs = removal_jobs(model, x, y, [[]] + [list(g) for g in groups], probe, train_kw, tag)
-    res = run_jobs(jobs, cache, desc=desc)
+    removed = [[]] + [list(g) for g in groups]
+    jobs = removal_jobs(model, x, y, removed, probe, train_kw, tag)
+    kw = {k: v for k, v in train_kw.items() if k != "seed"}
+    fast = vectorisable(model, **kw) is None and (
+        vectorise == "auto" and vectorise_pays(model, x[:1], kw.get("batch_size", 256), len(x)) or vectorise is True)
+    if not fast:
+        res = run_jobs(jobs, cache, desc=desc)
+    else:
+        res, paths = load_cached(jobs, cache)
+        todo = [(key, group, paths[key]) for key, group in zip(jobs, removed) if key in paths]
+        bar = None
+        if todo:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"{desc} ({len(res)} cached, vectorised)")
+        theta = flat_params(model).clone()
+        for i in range(0, len(todo), chunk):
+            part = todo[i:i + chunk]
+            models = [copy.deepcopy(model) for _ in part]
+            for m in models:
+                set_flat_params(m, theta)
+            keep = [torch.tensor([j for j in range(len(x)) if j not in set(group)]) for _, group, _ in part]
+            train_many(models, x, y, keep, [train_kw.get("seed", 0)] * len(part), **kw)
+            for (key, _, path), m in zip(part, models):
+                res[key] = torch.softmax(predict(m, probe), 1).cpu()
+                if path is not None:
+                    save_result(path, res[key])
+            bar.update(len(part))
+        if bar is not None:
+            bar.close()
     outs = [res[k] for k in jobs]
     return outs[0], outs[1:]
 

@@ -90,15 +90,17 @@ def loo_nll(logits: torch.Tensor, y: torch.Tensor, V: torch.Tensor, form: str = 
 
 def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, removed, retrain_iters: int = 50,
                   posterior: str = "kfac", cache=None, tag: dict | None = None, check_iters: int | None = None,
-                  n_check: int = 0) -> dict:
+                  n_check: int = 0, retrain: dict | None = None) -> dict:
     r"""Estimated vs true deviation of the softmax output when single examples are removed (MPE Fig. 2).
 
     The model must sit at θ_* = argmin L (sum scale, prior precision ``delta``). Estimates use the GLM predictive
     covariance of ``posterior`` ("kfac", "diag" or "full" GGN + δI) for all N examples and every form of
     :data:`FORMS`. The truth for example i is Σ_k |σ(f_i(θ^{\i}))_k − σ(f_i(θ_ref))_k|, where θ^{\i} is a
-    warm-started L-BFGS retrain without i and θ_ref the same protocol on all the data (so any drift of an imperfectly
-    converged θ_* cancels). Retrains are cached jobs (:func:`mpe.retrain.run_jobs`). With ``n_check > 0`` the first
-    ``n_check`` truths are recomputed with ``check_iters`` iterations to measure how converged the truth is.
+    warm-started retrain without i and θ_ref the same protocol on all the data (so any drift of an imperfectly
+    converged θ_* cancels): ``retrain_iters`` iterations of full-batch L-BFGS (converged) by default, or the keyword
+    arguments ``retrain`` of :func:`mpe.train.train` (e.g. the paper's warm-started SGD). Retrains are cached jobs
+    (:func:`mpe.retrain.run_jobs`). With ``n_check > 0`` the first ``n_check`` L-BFGS truths are recomputed with
+    ``check_iters`` iterations to measure how converged the truth is.
 
     Returns a dict: ``removed`` (R,), ``truth`` (R,), ``estimate`` {form: (N,)}, ``p`` (N, K), ``V`` (N, K, K),
     ``truth_check`` (max relative change of the checked truths, or None).
@@ -111,15 +113,15 @@ def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, remo
     e = residuals(logits, y.to(logits.device))
     estimate = {form: sensitivity(p, V, e, form).cpu() for form in FORMS}
 
-    def truths(iters, idx):
-        kw = dict(optimizer="lbfgs", lr=1.0, epochs=iters, delta=delta)
+    def truths(iters, idx, kw=None):
+        kw = dict(optimizer="lbfgs", lr=1.0, epochs=iters, delta=delta) if kw is None else dict(kw, delta=delta)
         ref, outs = retrained_outputs(model, x, y, [[i] for i in idx], x[idx], kw, tag or {}, cache,
-                                      desc=f"retrain ({iters} iterations)")
+                                      desc=f"retrain ({kw['optimizer']}, {kw['epochs']} {'iterations' if kw['optimizer'] == 'lbfgs' else 'epochs'})")
         return torch.stack([(out[j] - ref[j]).abs().sum() for j, out in enumerate(outs)])
 
-    truth = truths(retrain_iters, removed)
+    truth = truths(retrain_iters, removed, retrain)
     check = None
-    if n_check:
+    if n_check and retrain is None:
         better = truths(check_iters, removed[:n_check])
         check = float(((better - truth[:n_check]).abs() / better.abs().clamp_min(1e-12)).max())
     return dict(removed=torch.tensor(removed), truth=truth, estimate=estimate, p=p.cpu(), V=V.cpu(),
