@@ -315,7 +315,9 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
     mean NLL and accuracy on the *whole* test set after a warm-started retrain on the data without class c: by default
     ``retrain_iters`` iterations of full-batch L-BFGS (converged), or the keyword arguments ``retrain`` of
     :func:`mpe.train.train` (e.g. the paper's low-learning-rate SGD). The two are on different scales, so a monotone
-    trend is expected, not y = x. Returns one dict per class.
+    trend is expected, not y = x. Returns one dict per class: ``loco``, ``test_nll``, ``test_acc``, ``acc_drop``, the
+    reference run's ``base_nll`` and ``base_acc``, and ``removed_acc``, the accuracy on the removed class's test
+    examples after the retrain (how far the class was forgotten; ``base_removed_acc`` before).
     """
 
     V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
@@ -332,12 +334,16 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
         return (-probs[torch.arange(len(yt)), yt].clamp_min(1e-12).log().mean().item(),
                 (probs.argmax(1) == yt).float().mean().item())
 
+    def class_acc(probs, c):
+        return (probs[yt == c].argmax(1) == c).float().mean().item()
+
     base_nll, base_acc = scores(ref)
     out = []
     for c, group, probs in zip(classes, groups, outs):
         nll, acc = scores(probs)
         out.append(dict(cls=c, loco=per_example[group].mean().item(), test_nll=nll, test_acc=acc,
-                        acc_drop=base_acc - acc, base_nll=base_nll, base_acc=base_acc))
+                        acc_drop=base_acc - acc, base_nll=base_nll, base_acc=base_acc,
+                        removed_acc=class_acc(probs, c), base_removed_acc=class_acc(ref, c)))
     return out
 
 

@@ -103,6 +103,9 @@ def test_loco_study_matches_direct_retraining_and_class_means(f64, tmp_path):
         set_flat_params(model, theta)
         train(model, x[y != c], y[y != c], optimizer="lbfgs", lr=1, epochs=200, delta=1.0)
         assert row["test_nll"] == pytest.approx(nn.functional.cross_entropy(predict(model, xt), yt).item(), rel=1e-6)
+        pred = predict(model, xt).argmax(1)
+        assert row["removed_acc"] == pytest.approx((pred[yt == c] == c).double().mean().item())
+        assert row["removed_acc"] < row["base_removed_acc"]  # a converged retrain forgets the class
         set_flat_params(model, theta)
 
 
