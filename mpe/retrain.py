@@ -183,6 +183,13 @@ def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc:
     return results
 
 
+def _kept(n: int, group) -> torch.Tensor:
+    """Indices of 0..n-1 without those in ``group``."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[list(group)] = False
+    return torch.nonzero(keep).flatten()
+
+
 def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict, tag: dict) -> dict:
     """Jobs that warm-start from the model's current parameters θ_* and retrain without each group in ``removed``.
 
@@ -197,8 +204,7 @@ def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict
     def make(group):
         def job():
             set_flat_params(model, theta)
-            keep = torch.ones(n, dtype=torch.bool)
-            keep[list(group)] = False
+            keep = _kept(n, group)
             train(model, x[keep], y[keep], **train_kw)
             out = torch.softmax(predict(model, probe), 1).cpu()
             set_flat_params(model, theta)
@@ -240,8 +246,8 @@ def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, 
             models = [copy.deepcopy(model) for _ in part]
             for m in models:
                 set_flat_params(m, theta)
-            keep = [torch.tensor([j for j in range(len(x)) if j not in set(group)]) for _, group, _ in part]
-            train_many(models, x, y, keep, [train_kw.get("seed", 0)] * len(part), **kw)
+            train_many(models, x, y, [_kept(len(x), group) for _, group, _ in part], [train_kw.get("seed", 0)] * len(part),
+                       **kw)
             for (key, _, path), m in zip(part, models):
                 res[key] = torch.softmax(predict(m, probe), 1).cpu()
                 if path is not None:

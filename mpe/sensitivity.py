@@ -115,8 +115,9 @@ def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, remo
 
     def truths(iters, idx, kw=None):
         kw = dict(optimizer="lbfgs", lr=1.0, epochs=iters, delta=delta) if kw is None else dict(kw, delta=delta)
+        unit = "iterations" if kw["optimizer"] == "lbfgs" else "epochs"
         ref, outs = retrained_outputs(model, x, y, [[i] for i in idx], x[idx], kw, tag or {}, cache,
-                                      desc=f"retrain ({kw['optimizer']}, {kw['epochs']} {'iterations' if kw['optimizer'] == 'lbfgs' else 'epochs'})")
+                                      desc=f"retrain ({kw['optimizer']}, {kw['epochs']} {unit})")
         return torch.stack([(out[j] - ref[j]).abs().sum() for j, out in enumerate(outs)])
 
     truth = truths(retrain_iters, removed, retrain)
