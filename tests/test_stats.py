@@ -82,3 +82,19 @@ def test_pairs_bootstrap_keeps_pairs_of_distinct_examples():
 def test_a_note_goes_with_the_value_not_the_claim():
     est = stats.Estimate(0.5, 0.4, 0.6, "mean of 4 seeds").noted("the better: kfac")
     assert est.method == "mean of 4 seeds; the better: kfac" and (est.lo, est.value, est.hi) == (0.4, 0.5, 0.6)
+
+
+def test_auroc_is_the_fraction_of_correctly_ordered_pairs():
+    from sklearn.metrics import roc_auc_score
+
+    from mpe.stats import auroc
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(200) < 0.2
+    scores = np.round(rng.standard_normal(200) + labels, 1)  # rounded: many ties
+    pos, neg = scores[labels], scores[~labels]
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()  # brute force over pairs
+    assert auroc(labels, scores) == pytest.approx(pairs, abs=1e-12)
+    assert auroc(labels.astype(int), scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert auroc(labels, -scores) == pytest.approx(1 - pairs, abs=1e-12)
+    assert np.isnan(auroc(np.zeros(5), np.arange(5)))
