@@ -74,8 +74,8 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanit
 # reference (figures/quick): a move of one step is within noise and reported, a contradiction fails.
 test: env data-quick
 	rm -rf build/test-figures
-	MPE_FIGURES_DIR=$(CURDIR)/build/test-figures MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile \
-		$(NBVAL) tests $(filter-out $(KERNEL_NOTEBOOKS),$(NOTEBOOKS))
+	MPE_FIGURES_DIR=$(CURDIR)/build/test-figures MPE_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder \
+		--junitxml=build/test-junit.xml $(NBVAL) tests $(filter-out $(KERNEL_NOTEBOOKS),$(NOTEBOOKS))
 	$(PY) -m mpe.harness compare build/test-figures/quick
 	$(MAKE) --no-print-directory test-kernels
 
