@@ -25,9 +25,10 @@ from .curvature import softmax_hessian
 from .retrain import job_key, retrained_outputs, run_jobs
 from .train import nll_and_error, predict, train
 
-__all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_study", "loo_sweep",
-           "LOOTracker", "loo_during_training", "loco_study", "group_deviation", "group_removal_study", "sampled_residuals",
-           "SensitivityTracker", "sorted_bins", "top_share", "FORMS", "matched_beta2", "hess_moved", "loo_gaps"]
+__all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_truth",
+           "removal_study", "loo_sweep", "LOOTracker", "loo_during_training", "loco_study", "group_deviation",
+           "group_removal_truth", "group_removal_study", "sampled_residuals", "SensitivityTracker", "sorted_bins",
+           "top_share", "FORMS", "matched_beta2", "hess_moved", "loo_gaps"]
 
 FORMS = ("diag", "full", "newton")
 _EPS = 1e-10
@@ -88,6 +89,21 @@ def loo_nll(logits: torch.Tensor, y: torch.Tensor, V: torch.Tensor, form: str = 
     return nll.mean() if reduce else nll
 
 
+def removal_truth(model, x: torch.Tensor, y: torch.Tensor, removed, *, delta: float, retrain_iters: int = 50,
+                  retrain: dict | None = None, cache=None, tag: dict | None = None) -> torch.Tensor:
+    r"""The true deviation of the softmax output of each removed example i (R,): Σ_k |σ(f_i(θ^{\i}))_k −
+    σ(f_i(θ_ref))_k|, where θ^{\i} is a warm-started retrain from ``model``'s parameters without i and θ_ref the same
+    protocol on all the data (so any drift of an imperfectly converged θ_* cancels): ``retrain_iters`` iterations of
+    full-batch L-BFGS (converged) by default, or the keyword arguments ``retrain`` of :func:`mpe.train.train` (e.g.
+    the paper's warm-started SGD). Retrains are cached jobs (:func:`mpe.retrain.retrained_outputs`)."""
+    idx = [int(i) for i in removed]
+    kw = dict(optimizer="lbfgs", lr=1.0, epochs=retrain_iters, delta=delta) if retrain is None else dict(retrain, delta=delta)
+    unit = "iterations" if kw["optimizer"] == "lbfgs" else "epochs"
+    ref, outs = retrained_outputs(model, x, y, [[i] for i in idx], x[idx], kw, tag or {}, cache,
+                                  desc=f"retrain ({kw['optimizer']}, {kw['epochs']} {unit})")
+    return torch.stack([(out[j] - ref[j]).abs().sum() for j, out in enumerate(outs)])
+
+
 def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, removed, retrain_iters: int = 50,
                   posterior: str = "kfac", cache=None, tag: dict | None = None, check_iters: int | None = None,
                   n_check: int = 0, retrain: dict | None = None) -> dict:
@@ -95,12 +111,9 @@ def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, remo
 
     The model must sit at θ_* = argmin L (sum scale, prior precision ``delta``). Estimates use the GLM predictive
     covariance of ``posterior`` ("kfac", "diag" or "full" GGN + δI) for all N examples and every form of
-    :data:`FORMS`. The truth for example i is Σ_k |σ(f_i(θ^{\i}))_k − σ(f_i(θ_ref))_k|, where θ^{\i} is a
-    warm-started retrain without i and θ_ref the same protocol on all the data (so any drift of an imperfectly
-    converged θ_* cancels): ``retrain_iters`` iterations of full-batch L-BFGS (converged) by default, or the keyword
-    arguments ``retrain`` of :func:`mpe.train.train` (e.g. the paper's warm-started SGD). Retrains are cached jobs
-    (:func:`mpe.retrain.run_jobs`). With ``n_check > 0`` the first ``n_check`` L-BFGS truths are recomputed with
-    ``check_iters`` iterations to measure how converged the truth is.
+    :data:`FORMS`; the truth is :func:`removal_truth` with ``retrain_iters`` or ``retrain`` (a second truth with
+    another recipe needs only another :func:`removal_truth`, not another study). With ``n_check > 0`` the first
+    ``n_check`` L-BFGS truths are recomputed with ``check_iters`` iterations to measure how converged the truth is.
 
     Returns a dict: ``removed`` (R,), ``truth`` (R,), ``estimate`` {form: (N,)}, ``p`` (N, K), ``V`` (N, K, K),
     ``truth_check`` (max relative change of the checked truths, or None).
@@ -112,18 +125,11 @@ def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, remo
     p = torch.softmax(logits, 1)
     e = residuals(logits, y.to(logits.device))
     estimate = {form: sensitivity(p, V, e, form).cpu() for form in FORMS}
-
-    def truths(iters, idx, kw=None):
-        kw = dict(optimizer="lbfgs", lr=1.0, epochs=iters, delta=delta) if kw is None else dict(kw, delta=delta)
-        unit = "iterations" if kw["optimizer"] == "lbfgs" else "epochs"
-        ref, outs = retrained_outputs(model, x, y, [[i] for i in idx], x[idx], kw, tag or {}, cache,
-                                      desc=f"retrain ({kw['optimizer']}, {kw['epochs']} {unit})")
-        return torch.stack([(out[j] - ref[j]).abs().sum() for j, out in enumerate(outs)])
-
-    truth = truths(retrain_iters, removed, retrain)
+    kw = dict(delta=delta, cache=cache, tag=tag)
+    truth = removal_truth(model, x, y, removed, retrain_iters=retrain_iters, retrain=retrain, **kw)
     check = None
     if n_check and retrain is None:
-        better = truths(check_iters, removed[:n_check])
+        better = removal_truth(model, x, y, removed[:n_check], retrain_iters=check_iters, **kw)
         check = float(((better - truth[:n_check]).abs() / better.abs().clamp_min(1e-12)).max())
     return dict(removed=torch.tensor(removed), truth=truth, estimate=estimate, p=p.cpu(), V=V.cpu(),
                 truth_check=check)
@@ -379,18 +385,21 @@ def group_deviation(model, x: torch.Tensor, y: torch.Tensor, groups, posterior) 
     return {k: torch.tensor(v) for k, v in out.items()}
 
 
-def group_removal_study(model, x, y, groups, *, delta: float, posterior: str = "full", retrain_iters: int = 200,
-                        cache=None, tag: dict | None = None) -> dict:
-    r"""Fig. 6: estimated (:func:`group_deviation`) vs true Σ_{i∈M} Σ_k |Δp_ik| for removing each group M.
-
-    The truth retrains from θ_* without M (warm-started L-BFGS) and compares with the same protocol on all the data.
-    Returns {"truth": (G,), "joint": (G,), "sum": (G,)}.
-    """
-
-    est = group_deviation(model, x, y, groups, C.laplace_posterior(posterior, model, x, delta))
+def group_removal_truth(model, x, y, groups, *, delta: float, retrain_iters: int = 200, cache=None,
+                        tag: dict | None = None) -> torch.Tensor:
+    r"""The true Σ_{i∈M} Σ_k |Δp_ik| of removing each group M (G,): a warm-started L-BFGS retrain from ``model``'s
+    parameters without M, compared with the same protocol on all the data (cached jobs)."""
     kw = dict(optimizer="lbfgs", lr=1.0, epochs=retrain_iters, delta=delta)
     ref, outs = retrained_outputs(model, x, y, groups, x, kw, dict(tag or {}, study="groups"), cache, "group removal")
-    truth = torch.tensor([(out[list(g)] - ref[list(g)]).abs().sum().item() for g, out in zip(groups, outs)])
+    return torch.tensor([(out[list(g)] - ref[list(g)]).abs().sum().item() for g, out in zip(groups, outs)])
+
+
+def group_removal_study(model, x, y, groups, *, delta: float, posterior: str = "full", retrain_iters: int = 200,
+                        cache=None, tag: dict | None = None) -> dict:
+    r"""Fig. 6: estimated (:func:`group_deviation`) vs true (:func:`group_removal_truth`) Σ_{i∈M} Σ_k |Δp_ik| for
+    removing each group M. Returns {"truth": (G,), "joint": (G,), "sum": (G,)}."""
+    est = group_deviation(model, x, y, groups, C.laplace_posterior(posterior, model, x, delta))
+    truth = group_removal_truth(model, x, y, groups, delta=delta, retrain_iters=retrain_iters, cache=cache, tag=tag)
     return dict(truth=truth, **est)
 
 

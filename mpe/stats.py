@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Estimate", "over_seeds", "bootstrap", "from_draws", "pairs_bootstrap", "exact", "decimals", "spearman", "pearson", "auroc"]
+__all__ = ["Estimate", "over_seeds", "bootstrap", "from_draws", "pairs_bootstrap", "exact", "decimals", "spearman", "pearson",
+           "auroc"]
 
 LEVEL = 0.95
 

@@ -1,4 +1,6 @@
 """MPE estimators: identities, and estimate vs brute-force leave-one-out on a convex model."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -291,10 +293,38 @@ def test_loo_sweep_newton_form_is_brute_force_leave_one_out_on_a_glm(f64):
         assert err["newton"] < 0.05 and err["newton"] < err["full"] / 3 and err["newton"] < err["diag"] / 3, err
 
 
+def test_group_removal_truth_is_a_warm_started_lbfgs_retrain_without_the_group(f64):
+    from mpe.sensitivity import group_removal_truth
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(24, 1, 1, 3, generator=g), torch.randint(0, 3, (24,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3)).double()
+    train(model, x, y, optimizer="lbfgs", lr=1, epochs=100, delta=1.0)
+    theta = [p.detach().clone() for p in model.parameters()]
+    groups = [[1, 2], [5], [0, 7, 9]]
+    truth = group_removal_truth(model, x, y, groups, delta=1.0, retrain_iters=30)
+
+    def retrained(keep):
+        net = copy.deepcopy(model)
+        with torch.no_grad():
+            for q, t in zip(net.parameters(), theta):
+                q.copy_(t)
+        train(net, x[keep], y[keep], optimizer="lbfgs", lr=1.0, epochs=30, delta=1.0)
+        return torch.softmax(predict(net, x), 1)
+
+    ref = retrained(torch.ones(24, dtype=torch.bool))
+    for group, t in zip(groups, truth):
+        keep = torch.ones(24, dtype=torch.bool)
+        keep[group] = False
+        assert t.item() == pytest.approx((retrained(keep)[group] - ref[group]).abs().sum().item(), rel=1e-6)
+    assert (truth > 0).all()
+
+
 def test_removal_study_truth_is_a_warm_started_retrain_with_the_given_recipe(f64):
     """The truth of Fig. 2 by hand: warm start at θ_*, retrain without i (and, for the reference, with all the data)
     with the recipe given, then Σ_k |σ(f_i(θ^{\\i}))_k − σ(f_i(θ_ref))_k|."""
-    from mpe.sensitivity import removal_study
+    from mpe.sensitivity import removal_study, removal_truth
 
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(30, 1, 1, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
@@ -304,6 +334,7 @@ def test_removal_study_truth_is_a_warm_started_retrain_with_the_given_recipe(f64
     theta = [p.detach().clone() for p in model.parameters()]
     recipe = dict(optimizer="sgd", lr=0.05, epochs=5, batch_size=8, seed=3)
     study = removal_study(model, x, y, delta=1.0, removed=[4, 11], posterior="full", retrain=recipe)
+    assert torch.equal(removal_truth(model, x, y, [4, 11], delta=1.0, retrain=recipe), study["truth"])  # the study's truth
 
     def retrained(keep):
         with torch.no_grad():
