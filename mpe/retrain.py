@@ -216,6 +216,48 @@ def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict
     return {job_key(group=list(map(int, g)), train=train_kw, device=device, **digests, **tag): make(g) for g in removed}
 
 
+class _progress:
+    """A tqdm bar over ``total`` runs (none when there is nothing to run), closed on exit."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = None
+        if total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc)
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fit_chunks(todo: list, make_model, x, y, kw: dict, evaluate, results: dict, *, chunk: int, vectorised,
+                bar=None, callbacks=None) -> None:
+    """Train and evaluate the runs ``todo`` [(key, kept indices, seed, cache path or None)], ``chunk`` at a time:
+    ``make_model(seed)`` builds each model; a chunk is trained by :func:`mpe.train.train_many` where
+    ``vectorised(first model)`` says so, else one ``train`` per run; then ``results[key] = evaluate(model,
+    callbacks)``, saved where a path is given. ``callbacks()`` returns new callback objects for one run."""
+    for i in range(0, len(todo), chunk):
+        part = todo[i:i + chunk]
+        models = [make_model(seed) for _, _, seed, _ in part]
+        cbs = [list(callbacks()) if callbacks is not None else [] for _ in part]
+        if vectorised(models[0]):
+            train_many(models, x, y, [idx for _, idx, _, _ in part], [seed for _, _, seed, _ in part], callbacks=cbs,
+                       **kw)
+        else:
+            for (_, idx, seed, _), model, cb in zip(part, models, cbs):
+                train(model, x[idx], y[idx], seed=seed, callbacks=cb, **kw)
+        for (key, _, _, path), model, cb in zip(part, models, cbs):
+            results[key] = evaluate(model, cb)
+            if path is not None:
+                save_result(path, results[key])
+        if bar is not None:
+            bar.update(len(part))
+
+
 def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, tag: dict, cache=None,
                       desc: str = "retrain", vectorise="auto", chunk: int = 32):
     """Softmax outputs on ``probe`` after warm-started retraining without each group, and for a reference run.
@@ -234,27 +276,18 @@ def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, 
         res = run_jobs(jobs, cache, desc=desc)
     else:
         res, paths = load_cached(jobs, cache)
-        todo = [(key, group, paths[key]) for key, group in zip(jobs, removed) if key in paths]
-        bar = None
-        if todo:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), desc=f"{desc} ({len(res)} cached, vectorised)")
+        todo = [(key, _kept(len(x), group), train_kw.get("seed", 0), paths[key])
+                for key, group in zip(jobs, removed) if key in paths]
         theta = flat_params(model).clone()
-        for i in range(0, len(todo), chunk):
-            part = todo[i:i + chunk]
-            models = [copy.deepcopy(model) for _ in part]
-            for m in models:
-                set_flat_params(m, theta)
-            train_many(models, x, y, [_kept(len(x), group) for _, group, _ in part], [train_kw.get("seed", 0)] * len(part),
-                       **kw)
-            for (key, _, path), m in zip(part, models):
-                res[key] = torch.softmax(predict(m, probe), 1).cpu()
-                if path is not None:
-                    save_result(path, res[key])
-            bar.update(len(part))
-        if bar is not None:
-            bar.close()
+
+        def warm_copy(seed):
+            m = copy.deepcopy(model)
+            set_flat_params(m, theta)
+            return m
+
+        with _progress(len(todo), f"{desc} ({len(res)} cached, vectorised)") as bar:
+            _fit_chunks(todo, warm_copy, x, y, kw, lambda m, cb: torch.softmax(predict(m, probe), 1).cpu(), res,
+                        chunk=chunk, vectorised=lambda m: True, bar=bar)
     outs = [res[k] for k in jobs]
     return outs[0], outs[1:]
 
@@ -315,36 +348,20 @@ def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, 
     keys = _subset_keys(subsets, tag)
     results, paths = load_cached(keys, cache)
     spec = dict(zip(keys, subsets))
-    todo = {k: (torch.as_tensor(spec[k][0]).long(), int(spec[k][1]), path) for k, path in paths.items()}
-    groups = {}
-    for key, (idx, seed, path) in todo.items():
-        groups.setdefault(len(idx), []).append(key)
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
+    groups = {}  # kept size -> runs to train [(key, kept, seed, path)]: the recipe may depend on the size
+    for key, path in paths.items():
+        idx, seed = torch.as_tensor(spec[key][0]).long(), int(spec[key][1])
+        groups.setdefault(len(idx), []).append((key, idx, seed, path))
+    with _progress(len(paths) if progress else 0, f"{desc} ({len(results)} cached)") as bar:
+        for size, todo in groups.items():
+            kw = recipe(size)
 
-        bar = tqdm(total=len(todo), desc=f"{desc} ({len(results)} cached)")
-    for size, members in groups.items():
-        kw = recipe(size)
-        for i in range(0, len(members), chunk):
-            part = members[i:i + chunk]
-            models = [make_model(todo[k][1]) for k in part]
-            cbs = [list(callbacks(size)) if callbacks is not None else [] for _ in part]
-            fast = vectorise_pays(models[0], x[:1], kw.get("batch_size", 256), size) if vectorise == "auto" \
-                else bool(vectorise)
-            if fast and vectorisable(models[0], **kw) is None:
-                train_many(models, x, y, [todo[k][0] for k in part], [todo[k][1] for k in part], callbacks=cbs, **kw)
-            else:
-                for k, model, cb in zip(part, models, cbs):
-                    idx, seed, _ = todo[k]
-                    train(model, x[idx], y[idx], seed=seed, callbacks=cb, **kw)
-            for k, model, cb in zip(part, models, cbs):
-                res = evaluate(model, cb) if callbacks is not None else evaluate(model)
-                if todo[k][2] is not None:
-                    save_result(todo[k][2], res)
-                results[k] = res
-            if bar is not None:
-                bar.update(len(part))
-    if bar is not None:
-        bar.close()
+            def fast(model, kw=kw, size=size):
+                pays = vectorise_pays(model, x[:1], kw.get("batch_size", 256), size) if vectorise == "auto" \
+                    else bool(vectorise)
+                return pays and vectorisable(model, **kw) is None
+
+            _fit_chunks(todo, make_model, x, y, kw, evaluate if callbacks is not None else lambda m, cb: evaluate(m),
+                        results, chunk=chunk, vectorised=fast, bar=bar,
+                        callbacks=None if callbacks is None else lambda size=size: callbacks(size))
     return [results[k] for k in keys]
