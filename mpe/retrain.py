@@ -216,30 +216,13 @@ def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict
     return {job_key(group=list(map(int, g)), train=train_kw, device=device, **digests, **tag): make(g) for g in removed}
 
 
-class _progress:
-    """A tqdm bar over ``total`` runs (none when there is nothing to run), closed on exit."""
-
-    def __init__(self, total: int, desc: str):
-        self.bar = None
-        if total:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc)
-
-    def __enter__(self):
-        return self.bar
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _fit_chunks(todo: list, make_model, x, y, kw: dict, evaluate, results: dict, *, chunk: int, vectorised,
-                bar=None, callbacks=None) -> None:
+def _fit_chunks(todo: list, make_model, x, y, kw: dict, evaluate, results: dict, bar, *, chunk: int, vectorised,
+                callbacks=None) -> None:
     """Train and evaluate the runs ``todo`` [(key, kept indices, seed, cache path or None)], ``chunk`` at a time:
     ``make_model(seed)`` builds each model; a chunk is trained by :func:`mpe.train.train_many` where
     ``vectorised(first model)`` says so, else one ``train`` per run; then ``results[key] = evaluate(model,
-    callbacks)``, saved where a path is given. ``callbacks()`` returns new callback objects for one run."""
+    callbacks)``, saved where a path is given, and ``bar`` (tqdm) moves on. ``callbacks()`` returns new callback
+    objects for one run."""
     for i in range(0, len(todo), chunk):
         part = todo[i:i + chunk]
         models = [make_model(seed) for _, _, seed, _ in part]
@@ -254,8 +237,7 @@ def _fit_chunks(todo: list, make_model, x, y, kw: dict, evaluate, results: dict,
             results[key] = evaluate(model, cb)
             if path is not None:
                 save_result(path, results[key])
-        if bar is not None:
-            bar.update(len(part))
+        bar.update(len(part))
 
 
 def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, tag: dict, cache=None,
@@ -285,9 +267,11 @@ def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, 
             set_flat_params(m, theta)
             return m
 
-        with _progress(len(todo), f"{desc} ({len(res)} cached, vectorised)") as bar:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(todo), desc=f"{desc} ({len(res)} cached, vectorised)", disable=not todo) as bar:
             _fit_chunks(todo, warm_copy, x, y, kw, lambda m, cb: torch.softmax(predict(m, probe), 1).cpu(), res,
-                        chunk=chunk, vectorised=lambda m: True, bar=bar)
+                        bar, chunk=chunk, vectorised=lambda m: True)
     outs = [res[k] for k in jobs]
     return outs[0], outs[1:]
 
@@ -352,7 +336,9 @@ def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, 
     for key, path in paths.items():
         idx, seed = torch.as_tensor(spec[key][0]).long(), int(spec[key][1])
         groups.setdefault(len(idx), []).append((key, idx, seed, path))
-    with _progress(len(paths) if progress else 0, f"{desc} ({len(results)} cached)") as bar:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(paths), desc=f"{desc} ({len(results)} cached)", disable=not (progress and paths)) as bar:
         for size, todo in groups.items():
             kw = recipe(size)
 
@@ -362,6 +348,6 @@ def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, 
                 return pays and vectorisable(model, **kw) is None
 
             _fit_chunks(todo, make_model, x, y, kw, evaluate if callbacks is not None else lambda m, cb: evaluate(m),
-                        results, chunk=chunk, vectorised=fast, bar=bar,
+                        results, bar, chunk=chunk, vectorised=fast,
                         callbacks=None if callbacks is None else lambda size=size: callbacks(size))
     return [results[k] for k in keys]
