@@ -293,31 +293,36 @@ def test_loo_sweep_newton_form_is_brute_force_leave_one_out_on_a_glm(f64):
         assert err["newton"] < 0.05 and err["newton"] < err["full"] / 3 and err["newton"] < err["diag"] / 3, err
 
 
+def fitted_softmax_regression(n, d, seed, iters):
+    """(model at θ_* with δ = 1, x (n, 1, 1, d), y (n,) of 3 classes) for the removal truths below."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 1, 1, d, generator=g), torch.randint(0, 3, (n,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 3)).double()
+    train(model, x, y, optimizer="lbfgs", lr=1, epochs=iters, delta=1.0)
+    return model, x, y
+
+
+def warm_retrained(model, x, y, keep, **recipe):
+    """Softmax outputs on all of x after retraining a copy of ``model`` (warm start) on x[keep] with δ = 1."""
+    net = copy.deepcopy(model)
+    train(net, x[keep], y[keep], delta=1.0, **recipe)
+    return torch.softmax(predict(net, x), 1)
+
+
 def test_group_removal_truth_is_a_warm_started_lbfgs_retrain_without_the_group(f64):
     from mpe.sensitivity import group_removal_truth
 
-    g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(24, 1, 1, 3, generator=g), torch.randint(0, 3, (24,), generator=g)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3)).double()
-    train(model, x, y, optimizer="lbfgs", lr=1, epochs=100, delta=1.0)
-    theta = [p.detach().clone() for p in model.parameters()]
+    model, x, y = fitted_softmax_regression(24, 3, seed=4, iters=100)
     groups = [[1, 2], [5], [0, 7, 9]]
     truth = group_removal_truth(model, x, y, groups, delta=1.0, retrain_iters=30)
-
-    def retrained(keep):
-        net = copy.deepcopy(model)
-        with torch.no_grad():
-            for q, t in zip(net.parameters(), theta):
-                q.copy_(t)
-        train(net, x[keep], y[keep], optimizer="lbfgs", lr=1.0, epochs=30, delta=1.0)
-        return torch.softmax(predict(net, x), 1)
-
-    ref = retrained(torch.ones(24, dtype=torch.bool))
+    lbfgs = dict(optimizer="lbfgs", lr=1.0, epochs=30)
+    ref = warm_retrained(model, x, y, torch.ones(24, dtype=torch.bool), **lbfgs)
     for group, t in zip(groups, truth):
         keep = torch.ones(24, dtype=torch.bool)
         keep[group] = False
-        assert t.item() == pytest.approx((retrained(keep)[group] - ref[group]).abs().sum().item(), rel=1e-6)
+        assert t.item() == pytest.approx((warm_retrained(model, x, y, keep, **lbfgs)[group] - ref[group]).abs().sum().item(),
+                                         rel=1e-6)
     assert (truth > 0).all()
 
 
@@ -326,22 +331,13 @@ def test_removal_study_truth_is_a_warm_started_retrain_with_the_given_recipe(f64
     with the recipe given, then Σ_k |σ(f_i(θ^{\\i}))_k − σ(f_i(θ_ref))_k|."""
     from mpe.sensitivity import removal_study, removal_truth
 
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(30, 1, 1, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
-    train(model, x, y, optimizer="lbfgs", lr=1, epochs=200, delta=1.0)
-    theta = [p.detach().clone() for p in model.parameters()]
+    model, x, y = fitted_softmax_regression(30, 4, seed=2, iters=200)
     recipe = dict(optimizer="sgd", lr=0.05, epochs=5, batch_size=8, seed=3)
     study = removal_study(model, x, y, delta=1.0, removed=[4, 11], posterior="full", retrain=recipe)
     assert torch.equal(removal_truth(model, x, y, [4, 11], delta=1.0, retrain=recipe), study["truth"])  # the study's truth
 
     def retrained(keep):
-        with torch.no_grad():
-            for q, t in zip(model.parameters(), theta):
-                q.copy_(t)
-        train(model, x[keep], y[keep], delta=1.0, **recipe)
-        return torch.softmax(predict(model, x), 1)
+        return warm_retrained(model, x, y, keep, **recipe)
 
     ref = retrained(torch.ones(30, dtype=torch.bool))
     for i, truth in zip([4, 11], study["truth"]):
