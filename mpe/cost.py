@@ -31,7 +31,8 @@ __all__ = ["MODEL_INPUTS", "step_time", "step_times", "sweep_times"]
 
 # input shape and classes each model is built for in the paper profiles
 _MNIST, _CIFAR = ((1, 28, 28), 10), ((3, 32, 32), 10)
-MODEL_INPUTS = {"small_mlp": _MNIST, "large_mlp": _MNIST, "lenet5": _MNIST, "mnist_example_cnn": _MNIST,
+MODEL_INPUTS = {"softmax_regression": _MNIST, "small_mlp": _MNIST, "large_mlp": _MNIST, "lenet5": _MNIST,
+                "small_cnn": _MNIST, "lpntk_cnn": _MNIST, "mnist_example_cnn": _MNIST,
                 "toneva_mnist_cnn": _MNIST, "jiang_mlp": _MNIST, "laftr_mlp": _MNIST, "cnn_3c3d": _CIFAR,
                 "resnet20_frn": _CIFAR, "resnet18": _CIFAR, "resnet18_nobn": _CIFAR, "cifarnet": ((3, 32, 32), 60),
                 "wrn28_10": _CIFAR}

@@ -223,6 +223,7 @@ class Head(nn.Module):
     def __init__(self, model: nn.Module, outputs):
         super().__init__()
         self.model, self.outputs = model, outputs
+        self.model_name = getattr(model, "model_name", type(model).__name__)  # the training ledger counts the model
 
     def forward(self, x):
         out = self.model(x)

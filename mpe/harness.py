@@ -217,8 +217,12 @@ class Claims:
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.nb_id}.json"
         old = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps({"id": self.nb_id, "profile": self.profile, "claims": self.rows,
-                                    "runtime_s": old.get("runtime_s")}, indent=1, default=float) + "\n")
+        record = {"id": self.nb_id, "profile": self.profile, "claims": self.rows, "runtime_s": old.get("runtime_s")}
+        if self.profile == "paper":  # the training this run did (cached results excluded): checked by mpe.budget
+            from .train import work
+
+            record["work"] = work()
+        path.write_text(json.dumps(record, indent=1, default=float) + "\n")
         self.path = path
 
 
@@ -253,27 +257,14 @@ def _parameters(nb: Path) -> dict:
     return out
 
 
-def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Path | None = None,
-        shrunk: bool = False, variant: str = "", overrides: dict | None = None) -> Path:
-    """Execute one notebook with papermill for ``profile`` into ``build/<profile>/...``; record its run time.
-
-    ``shrunk=True`` (paper profile only) overrides the paper parameters with ``params/shrunk/<id>.yaml``: the same
-    models, optimisers and code path on tiny data for one epoch, so that ``make test`` exercises the paper profile.
-    ``variant`` (paper profile only) runs the setting ``params/paper/<id>-<variant>.yaml`` instead of the main one.
-    ``overrides`` (``-p name value`` on the command line) are applied last. Every name is checked against the
-    notebook's parameters cell and every value against its registry (:func:`check_params`) before any work starts.
-    """
-    import papermill as pm
+def parameters(nb: str | Path, profile: str = "quick", device: str = "cpu", *, shrunk: bool = False,
+               variant: str = "", overrides: dict | None = None, defaults: bool = True) -> dict:
+    """The parameters a run of notebook ``nb`` gets (see :func:`run`): the profile's file
+    (``params/paper/<id>[-<variant>].yaml``), then ``params/shrunk/<id>.yaml`` where ``shrunk``, then ``overrides``;
+    with ``defaults``, on top of the notebook's own defaults (its parameters cell). Unknown names raise ValueError."""
     import yaml
 
-    from . import DEVICES
-
-    check_choice("profile", profile, PROFILES)
-    check_choice("device", device, DEVICES)
-    root = repo_root()
-    nb = (root / nb) if not Path(nb).is_absolute() else Path(nb)
-    if not nb.exists():
-        raise FileNotFoundError(f"no notebook {nb}; known: {', '.join(map(str, notebooks()))}")
+    nb = repo_root() / nb if not Path(nb).is_absolute() else Path(nb)
     nb_id = notebook_id(nb)
     fig_id = figure_id(nb_id, variant)
     declared = _parameters(nb)
@@ -299,6 +290,32 @@ def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Pat
     if unknown:
         raise ValueError(f"{nb_id}: unknown parameter(s) {', '.join(unknown)}; the notebook declares: "
                          f"{', '.join(declared)}")
+    return declared | params if defaults else params
+
+
+def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Path | None = None,
+        shrunk: bool = False, variant: str = "", overrides: dict | None = None) -> Path:
+    """Execute one notebook with papermill for ``profile`` into ``build/<profile>/...``; record its run time.
+
+    ``shrunk=True`` (paper profile only) overrides the paper parameters with ``params/shrunk/<id>.yaml``: the same
+    models, optimisers and code path on tiny data for one epoch, so that ``make test`` exercises the paper profile.
+    ``variant`` (paper profile only) runs the setting ``params/paper/<id>-<variant>.yaml`` instead of the main one.
+    ``overrides`` (``-p name value`` on the command line) are applied last. Every name is checked against the
+    notebook's parameters cell and every value against its registry (:func:`check_params`) before any work starts.
+    """
+    import papermill as pm
+
+    from . import DEVICES
+
+    check_choice("profile", profile, PROFILES)
+    check_choice("device", device, DEVICES)
+    root = repo_root()
+    nb = (root / nb) if not Path(nb).is_absolute() else Path(nb)
+    if not nb.exists():
+        raise FileNotFoundError(f"no notebook {nb}; known: {', '.join(map(str, notebooks()))}")
+    nb_id = notebook_id(nb)
+    fig_id = figure_id(nb_id, variant)
+    params = parameters(nb, profile, device, shrunk=shrunk, variant=variant, overrides=overrides, defaults=False)
     check_params(**params)
     rel = nb.relative_to(root / "notebooks")
     output = output or root / "build" / (profile + "-shrunk" * shrunk) / rel.with_stem(rel.stem + f"-{variant}" * bool(variant))
@@ -492,6 +509,43 @@ def summary(profile: str = "quick") -> Path:
     return path
 
 
+STEP_TIMES = "figures/paper/step_times-nvidia-h200.csv"  # measured on the one GPU this project has run on
+
+
+def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shrunk: bool = False) -> str:
+    """A markdown table of what each notebook and variant of ``profile`` trains (:mod:`mpe.workload`: runs,
+    optimiser steps, examples visited) and its estimated GPU-hours, from the measured step times in the CSV
+    ``step_times`` (``python -m mpe.cost bench --out``; a path relative to the repository) for the models it
+    holds, else from the FLOP model of :func:`mpe.workload.step_seconds` (``step_times=None``: the model alone)."""
+    import csv
+
+    from . import workload
+
+    table = None
+    if step_times is not None:
+        step_times = repo_root() / step_times
+        with open(step_times) as f:
+            table = {(r["model"], int(r["batch_size"])): float(r["s_per_step"]) for r in csv.DictReader(f)}
+    flop_model = (f"a FLOP model ({workload.ASSUMED_FLOPS / 1e12:g} TFLOP/s sustained, at least "
+                  f"{workload.ASSUMED_STEP_FLOOR_S * 1e3:g} ms per step; mpe.workload)")
+    how = (f"the step times measured in `{Path(step_times).relative_to(repo_root())}` where it has the model, else "
+           f"{flop_model}" if table else flop_model)
+    lines = [f"# What the {profile} profile{' (shrunk)' * shrunk} trains, and its cost on one GPU", "",
+             f"Training runs only (kernels, Jacobians and PBRF solves are not counted); GPU-hours from {how}. "
+             "L-BFGS rows count their maximum iterations. Regenerate: `python -m mpe.harness cost`.", "",
+             "| figure | runs | optimiser steps | examples visited | GPU-hours | lower bound for |", "|---|---|---|---|---|---|"]
+    total = 0.0
+    for nb in notebooks():
+        nb_id = notebook_id(nb)
+        for v in ["", *variants(nb_id)] if profile == "paper" else [""]:
+            est = workload.estimate(workload.runs_of(nb_id, parameters(nb, profile, shrunk=shrunk, variant=v)), table)
+            total += est["gpu_hours"]
+            lines.append(f"| {figure_id(nb_id, v)} | {est['runs']:,} | {est['steps']:,} | {est['examples']:,} | "
+                         f"{est['gpu_hours']:.3g} | {', '.join(est['lower_bound'])} |")
+    lines += ["", f"Total: about {total:.3g} GPU-hours."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mpe.harness", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -514,6 +568,12 @@ def main(argv=None) -> int:
     cmp.add_argument("--reference", default=None)
     s = sub.add_parser("summary")
     s.add_argument("--profile", default="quick")
+    c = sub.add_parser("cost", help="what each notebook trains and its estimated GPU-hours, before running it")
+    c.add_argument("--profile", default="paper")
+    c.add_argument("--step-times", default=STEP_TIMES, help="CSV of measured step times (python -m mpe.cost bench "
+                                                        "--out); 'none': the FLOP model alone")
+    c.add_argument("--shrunk", action="store_true", help="the shrunk paper profile (what make test runs)")
+    c.add_argument("--out", default=None, help="also write the table to this file")
     sub.add_parser("list")
     a = ap.parse_args(argv)
     try:
@@ -544,6 +604,11 @@ def main(argv=None) -> int:
             print(f"claims of {a.run_dir} agree with the reference")
         elif a.cmd == "summary":
             print(summary(a.profile))
+        elif a.cmd == "cost":
+            text = cost(a.profile, None if a.step_times == "none" else a.step_times, a.shrunk)
+            print(text)
+            if a.out:
+                Path(a.out).write_text(text)
         else:
             for p in notebooks():
                 extra = variants(notebook_id(p))

@@ -258,4 +258,6 @@ def get_model(name: str, in_shape, n_classes: int = 10, seed: int | None = None,
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODELS)}")
     if seed is not None:
         torch.manual_seed(seed)
-    return MODELS[name](in_shape=tuple(in_shape), n_classes=n_classes, **kwargs)
+    model = MODELS[name](in_shape=tuple(in_shape), n_classes=n_classes, **kwargs)
+    model.model_name = name  # its name in the registry: the training ledger (mpe.train.work) counts runs by it
+    return model

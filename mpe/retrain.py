@@ -35,13 +35,13 @@ def default_cache(name: str) -> Path:
     return Path(root) / name
 
 
-PRESENTATION = ("harness.py", "plots.py", "stats.py")  # they read results, never compute a job's result
+PRESENTATION = ("harness.py", "plots.py", "stats.py", "cost.py", "workload.py")  # they never compute a job's result
 
 
 def code_fingerprint() -> str:
     """Hash of the package's source files that compute results: part of every job key, so results cached by older
-    code are never reused. The presentation modules (:data:`PRESENTATION`) are left out: a new claims format or plot
-    style does not retrain anything."""
+    code are never reused. The presentation and costing modules (:data:`PRESENTATION`) are left out: a new claims
+    format, plot style or cost formula does not retrain anything."""
     h = hashlib.sha256()
     for f in sorted(Path(__file__).parent.glob("*.py")):
         if f.name not in PRESENTATION:

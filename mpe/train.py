@@ -30,12 +30,37 @@ from torch import nn
 from .data import AUGMENTATIONS, augmented
 
 __all__ = ["train", "train_many", "vectorisable", "stop_after", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES",
-           "PerExampleRecorder", "flat_params", "set_flat_params", "l2_objective"]
+           "PerExampleRecorder", "flat_params", "set_flat_params", "l2_objective", "WORK", "work"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
 LOSSES = {"cross_entropy": F.cross_entropy,
           "squared": lambda out, y: 0.5 * (out - y).pow(2).reshape(len(out), -1).sum(1).mean()}
+
+WORK: list[dict] = []  # one row per training run in this process: what the run cost, for :func:`work`
+
+
+def _log_run(model: nn.Module, optimizer: str, n: int, batch_size: int | None, epochs: int, steps: int,
+             vectorised: int = 1) -> None:
+    WORK.append(dict(model=getattr(model, "model_name", type(model).__name__), optimizer=optimizer, n=n,
+                     batch_size=n if batch_size is None else min(batch_size, n), epochs=epochs, steps=steps,
+                     vectorised=vectorised))
+
+
+def work(rows=None) -> dict:
+    """The training done by :func:`train` and :func:`train_many` in this process (``rows``: default :data:`WORK`),
+    per model and batch size: ``{"<model> @ <batch size or full>": {"runs", "steps", "examples"}}``, with ``examples`` the
+    examples visited (epochs × n summed over runs) and ``steps`` the optimiser steps (an L-BFGS iteration counts as
+    one full-batch step and one visit of every example). Results loaded from a cache cost nothing and are not counted; nor is work outside the
+    training loop (Jacobians, kernels, posteriors)."""
+    out: dict = {}
+    for r in WORK if rows is None else rows:
+        batch = "full" if r["batch_size"] >= r["n"] else r["batch_size"]
+        t = out.setdefault(f"{r['model']} @ {batch}", dict(runs=0, steps=0, examples=0))
+        t["runs"] += 1
+        t["steps"] += r["steps"]
+        t["examples"] += r["epochs"] * r["n"]
+    return dict(sorted(out.items()))
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -184,6 +209,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         if epochs:
             opt.step(closure)
         state.optimizer, state.epoch, state.step = opt, epochs, opt.state[opt._params[0]].get("n_iter", 0)
+        _log_run(model, optimizer, n, None, state.step, state.step)  # each iteration visits all n examples
         state.losses.append(l2_objective(model, x, y, delta, n).item())
         for cb in callbacks:
             getattr(cb, "on_epoch_end", lambda s: None)(state)
@@ -247,6 +273,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
                 cb.on_epoch_end(state)
         if state.stop:
             break
+    _log_run(model, optimizer, n, batch_size, state.epoch, state.step)
     return state
 
 
@@ -400,6 +427,9 @@ def train_many(models: list, x: torch.Tensor, y: torch.Tensor, subsets=None, see
         for m, model in enumerate(models):
             for name, p in model.named_parameters():
                 p.copy_(params[name][m])
+    epochs_run = losses.shape[1]
+    for model in models:
+        _log_run(model, optimizer, n, batch_size, epochs_run, epochs_run * math.ceil(n / bs), vectorised=m_all)
     return losses
 
 

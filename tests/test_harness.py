@@ -60,6 +60,20 @@ def test_claims_verdicts_follow_the_interval_and_json(tmp_path, monkeypatch, cap
     # paper claims (paper + reconstructed): 1 R, 1 NR, 1 I, 1 NT; companion: 1 I; the sanity row is not counted
     assert "| mpe-test |  | ok | 3.5 | 1 / 1 / 1 / 1 | 0 / 0 / 1 / 0 |" in text
     assert "paper claims: 1 reproduced, 1 not reproduced, 1 inconclusive, 1 not testable here" in text
+    assert "work" not in json.loads(c.path.read_text())  # quick runs are mostly cached: their ledger means nothing
+
+
+def test_paper_claims_record_the_training_this_run_did(tmp_path, monkeypatch):
+    from mpe.train import WORK
+
+    monkeypatch.setenv("MPE_FIGURES_DIR", str(tmp_path))
+    WORK.clear()
+    WORK.append(dict(model="lenet5", optimizer="sgd", n=100, batch_size=64, epochs=3, steps=6, vectorised=1))
+    c = harness.Claims("mpe-test", "paper")
+    c.add("true by construction", stats.exact(0), "<=", 0, source="sanity")
+    c.report()
+    WORK.clear()
+    assert json.loads(c.path.read_text())["work"] == {"lenet5 @ 64": dict(runs=1, steps=6, examples=300)}
 
 
 def test_a_failing_notebook_is_recorded_and_its_old_claims_not_counted(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """The paper profile of every notebook, shrunk (params/shrunk/<id>.yaml): same models, optimisers and code path on
-tiny data, so that the paper profile cannot silently rot while no GPU runs it. Only that it runs end to end and
-writes its claims is checked: the numbers of a one-epoch run mean nothing.
+tiny data, so that the paper profile cannot silently rot while no GPU runs it. That it runs end to end and writes its
+claims is checked, and that it trained what its cost formula (mpe.workload) says; the numbers of a one-epoch run
+mean nothing.
 
 ``make test`` runs each notebook's paper profile; ``make smoke [DEVICE=cuda]`` (``MPE_SMOKE_DEVICE`` set) also runs
 every variant (params/paper/<id>-<variant>.yaml: the CIFAR-10 and Split CIFAR settings, about 15 of the 25
@@ -12,7 +13,7 @@ import os
 import pytest
 import yaml
 
-from mpe import harness
+from mpe import harness, workload
 
 NOTEBOOKS = harness.notebooks()
 SMOKE = "MPE_SMOKE_DEVICE" in os.environ  # make smoke: the variants too
@@ -32,6 +33,10 @@ def test_shrunk_paper_profile_runs(nb, variant, tmp_path, monkeypatch):
     claims = json.loads((tmp_path / "paper" / f"{fig_id}.json").read_text())
     assert claims["profile"] == "paper" and claims["claims"] and claims["id"] == fig_id
     assert (tmp_path / "paper" / f"{fig_id}.png").exists()
+    # the notebook trained what its workload formula says (runs exactly; steps and examples within 5 %)
+    params = harness.parameters(nb, "paper", device, shrunk=True, variant=variant)
+    expected = workload.tally(workload.runs_of(harness.notebook_id(nb), params))
+    assert workload.compare(expected, claims["work"]) == []
 
 
 def test_shrunk_needs_the_paper_profile():

@@ -214,3 +214,24 @@ def test_augmentation_is_seeded_and_reaches_the_callbacks():
     assert not torch.allclose(seen[0], first(x[torch.randperm(24, generator=torch.Generator().manual_seed(3))[:8]]))
     with pytest.raises(ValueError, match="valid choices: none, crop_flip"):
         train(first, x, y, lr=0.1, epochs=1, augment="rotate")
+
+
+def test_the_ledger_counts_runs_steps_and_examples_by_hand():
+    """12 examples at batch 5: 3 steps per epoch; stop_after ends a 4-epoch run after 2; L-BFGS iterations are
+    full-batch steps; train_many logs one row per model; a model from the registry is counted by its name."""
+    from mpe.models import get_model
+    from mpe.train import WORK, train_many, work
+
+    x, y = data()
+    WORK.clear()
+    train(model(), x, y, epochs=3, lr=0.1, batch_size=5)
+    train(model(), x, y, epochs=4, lr=0.1, batch_size=5, callbacks=[stop_after(2)])
+    assert work() == {"Sequential @ 5": dict(runs=2, steps=3 * 3 + 2 * 3, examples=3 * 12 + 2 * 12)}
+    state = train(model(), x, y, epochs=5, lr=1.0, optimizer="lbfgs")
+    assert work()["Sequential @ full"] == dict(runs=1, steps=state.step, examples=12 * state.step) and 0 < state.step <= 5
+    nets = [get_model("softmax_regression", (1, 1, 4), 3, seed=s) for s in range(3)]
+    train_many(nets, x, y, [torch.arange(10)] * 3, epochs=2, lr=0.1, batch_size=4)
+    assert work()["softmax_regression @ 4"] == dict(runs=3, steps=3 * 2 * 3, examples=3 * 2 * 10)
+    assert [r["vectorised"] for r in WORK[-3:]] == [3, 3, 3]
+    WORK.clear()
+    assert work() == {}
