@@ -532,16 +532,20 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
            f"{flop_model}" if table else flop_model)
     lines = [f"# What the {profile} profile{' (shrunk)' * shrunk} trains, and its cost on one GPU", "",
              f"Training runs only (kernels, Jacobians and PBRF solves are not counted); GPU-hours from {how}. "
-             "L-BFGS rows count their maximum iterations. Regenerate: `python -m mpe.harness cost`.", "",
-             "| figure | runs | optimiser steps | examples visited | GPU-hours | lower bound for |", "|---|---|---|---|---|---|"]
+             "L-BFGS rows count their maximum iterations. The memory of one run is its training set, four copies of "
+             "the parameters and one minibatch's activations, in float32. Regenerate: `python -m mpe.harness cost`.",
+             "",
+             "| figure | runs | optimiser steps | examples visited | GPU-hours | GPU memory of one run (GB) | "
+             "lower bound for |", "|---|---|---|---|---|---|---|"]
     total = 0.0
     for nb in notebooks():
         nb_id = notebook_id(nb)
         for v in ["", *variants(nb_id)] if profile == "paper" else [""]:
             est = workload.estimate(workload.runs_of(nb_id, parameters(nb, profile, shrunk=shrunk, variant=v)), table)
             total += est["gpu_hours"]
+            memory = f"{est['peak_gb']:.2g}" if est["peak_gb"] else "–"
             lines.append(f"| {figure_id(nb_id, v)} | {est['runs']:,} | {est['steps']:,} | {est['examples']:,} | "
-                         f"{est['gpu_hours']:.3g} | {', '.join(est['lower_bound'])} |")
+                         f"{est['gpu_hours']:.3g} | {memory} | {', '.join(est['lower_bound'])} |")
     lines += ["", f"Total: about {total:.3g} GPU-hours."]
     return "\n".join(lines) + "\n"
 

@@ -16,7 +16,8 @@ no table is given, modelled: t_step = max(t_launch, 3 · F(model) · B / R), wit
 (counted by torch's FlopCounterMode), the backward pass twice the forward, an assumed sustained R =
 :data:`ASSUMED_FLOPS` and a floor t_launch = :data:`ASSUMED_STEP_FLOOR_S` for small models, whose steps are bound by
 kernel launches rather than arithmetic. Work outside the training loop (Jacobians, kernels, posteriors, PBRF solves)
-is not counted; ``python -m mpe.harness cost`` prints the table.
+is not counted. The memory of one run (:func:`peak_bytes`) is its training set, four copies of the parameters and one
+minibatch's activations. ``python -m mpe.harness cost`` prints the table.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import functools
 import math
 from dataclasses import dataclass
 
-__all__ = ["Runs", "FORMULAS", "runs_of", "tally", "compare", "step_seconds", "estimate", "ASSUMED_FLOPS",
-           "ASSUMED_STEP_FLOOR_S"]
+__all__ = ["Runs", "FORMULAS", "runs_of", "tally", "compare", "step_seconds", "model_size", "peak_bytes", "estimate",
+           "ASSUMED_FLOPS", "ASSUMED_STEP_FLOOR_S"]
 
 ASSUMED_FLOPS = 20e12  # sustained float32/TF32 FLOP/s of one modern data-centre GPU (A100/H100 class) on these models
 ASSUMED_STEP_FLOOR_S = 2e-3  # a training step of a small model: kernel launches and Python, not arithmetic
@@ -345,9 +346,10 @@ def _laftr_mislabeled(p):  # one L-BFGS network per seed on its own noisy subset
 
 def _task_sizes(p, suite: str) -> tuple[str, list[int]]:
     """(model, training examples of each task) of a continual-learning benchmark (mpe.continual.benchmark)."""
-    if suite == "split_cifar":
-        return "cifarnet", [TRAIN_SIZES[p["cifar_datasets"][0]]] + [TRAIN_SIZES[p["cifar_datasets"][1]] // 10] * (
-            p["cifar_tasks"] - 1)
+    if suite == "split_cifar":  # CIFAR-10, then groups of ten classes of CIFAR-100 (of a 10-class stand-in: all)
+        first, second = p["cifar_datasets"]
+        group = TRAIN_SIZES[second] * 10 // (100 if second == "cifar100" else 10)
+        return "cifarnet", [TRAIN_SIZES[first]] + [group] * (p["cifar_tasks"] - 1)
     n = TRAIN_SIZES[p["dataset"]]
     return "mlp", [n // 5] * 5 if suite == "split_mnist" else [n] * p.get("n_permuted", p.get("n_tasks"))
 
@@ -394,15 +396,58 @@ def forward_flops(model: str) -> float | None:
     return float(counter.get_total_flops())
 
 
+@functools.lru_cache(maxsize=None)
+def model_size(model: str) -> tuple[int, int, int] | None:
+    """(parameters, activations per example, input numbers per example) of ``model`` at its paper-profile input shape,
+    or None for a model without a known shape. The activations are the outputs of every leaf module for one
+    example: what autograd keeps for the backward pass, to first order."""
+    import torch
+
+    from .cost import MODEL_INPUTS
+    from .models import get_model
+
+    if model not in MODEL_INPUTS:
+        return None
+    shape, k = MODEL_INPUTS[model]
+    net = get_model(model, shape, k, seed=0)
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
+             for m in net.modules() if not list(m.children())]
+    with torch.no_grad():
+        net(torch.zeros(1, *shape))
+    for h in hooks:
+        h.remove()
+    return sum(p.numel() for p in net.parameters()), sum(outputs), math.prod(shape)
+
+
+def peak_bytes(r: Runs) -> float | None:
+    """Device memory of one run of ``r``, float32: its training set (the loop moves it to the device whole), the
+    parameters four times (weights, gradients, two optimiser moments) and one minibatch's activations. None where
+    the model's size is unknown."""
+    size = model_size(r.model)
+    if size is None:
+        return None
+    params, acts, inputs = size
+    batch = r.n if r.batch == "full" else r.batch_size
+    return 4.0 * (r.n * inputs + 4 * params + batch * acts)
+
+
 def step_seconds(model: str, batch: int, table: dict | None = None) -> tuple[float, bool]:
-    """(seconds per training step, whether it is known): from ``table`` {(model, batch size): s_per_step} (measured
-    by ``python -m mpe.cost bench``; the nearest measured batch size, scaled linearly above it), else modelled as
-    max(floor, 3 F B / R) (module docstring). Unknown models get the floor alone: a lower bound."""
-    if table:
-        sizes = sorted(b for m, b in table if m == model)
-        if sizes:
-            b = min(sizes, key=lambda s: abs(math.log(s / batch)))
-            return table[(model, b)] * max(1.0, batch / b), True
+    """(seconds per training step, whether it is known). From ``table`` {(model, batch size): s_per_step} (measured
+    by ``python -m mpe.cost bench``) where it has the model: the smallest batch's time below it (per-step overhead),
+    linear between measured batch sizes, and beyond the largest the last slope (per-example cost) carried on. Else
+    the FLOP model, max(floor, 3 F B / R) (module docstring). A model of unknown size gets the floor alone: a lower
+    bound."""
+    points = sorted((b, t) for (m, b), t in (table or {}).items() if m == model)
+    if points:
+        import numpy as np
+
+        bs, ts = zip(*points)
+        if batch <= bs[-1] or len(points) == 1:
+            t = float(np.interp(batch, bs, ts))  # the smallest batch's time below it, linear in between
+        else:
+            t = ts[-1] + (batch - bs[-1]) * max(0.0, (ts[-1] - ts[-2]) / (bs[-1] - bs[-2]))
+        return t, True
     flops = forward_flops(model)
     if flops is None:
         return ASSUMED_STEP_FLOOR_S, False
@@ -410,13 +455,15 @@ def step_seconds(model: str, batch: int, table: dict | None = None) -> tuple[flo
 
 
 def estimate(runs: list[Runs], table: dict | None = None) -> dict:
-    """Totals of ``runs``: runs, steps, examples, GPU-hours (:func:`step_seconds` per row) and the models whose
-    time is only a lower bound."""
-    hours, unknown = 0.0, set()
+    """Totals of ``runs``: runs, steps, examples, GPU-hours (:func:`step_seconds` per row), the largest
+    :func:`peak_bytes` of one run (GB) and the models whose time or memory is only a lower bound."""
+    hours, unknown, peak = 0.0, set(), 0.0
     for r in runs:
         t, known = step_seconds(r.model, r.n if r.batch == "full" else r.batch_size, table)
         hours += r.steps * t / 3600
-        if not known:
+        peak = max(peak, peak_bytes(r) or 0.0)
+        if not known or peak_bytes(r) is None:
             unknown.add(r.model)
     return dict(runs=sum(r.count for r in runs), steps=sum(r.steps for r in runs),
-                examples=sum(r.count * r.epochs * r.n for r in runs), gpu_hours=hours, lower_bound=sorted(unknown))
+                examples=sum(r.count * r.epochs * r.n for r in runs), gpu_hours=hours, peak_gb=peak / 1e9,
+                lower_bound=sorted(unknown))

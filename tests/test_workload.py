@@ -47,8 +47,10 @@ def test_every_notebook_has_a_formula_and_the_stored_cost_table_is_current():
 
 
 def test_step_seconds_use_a_measured_table_else_the_flop_model():
-    t, known = workload.step_seconds("lenet5", 128, {("lenet5", 64): 0.01, ("lenet5", 256): 0.03})
-    assert known and t == pytest.approx(0.01 * 2)  # nearest measured batch (64 and 256 are as near), scaled
+    table = {("lenet5", 64): 0.01, ("lenet5", 256): 0.03}
+    for batch, want in ((8, 0.01), (64, 0.01), (128, 0.01 + 64 * 0.02 / 192), (256, 0.03), (1024, 0.03 + 768 * 0.02 / 192)):
+        assert workload.step_seconds("lenet5", batch, table) == (pytest.approx(want), True)  # flat, linear, the slope on
+    assert workload.step_seconds("wrn28_10", 8, table) == workload.step_seconds("wrn28_10", 8)  # not in it: FLOPs
     t, known = workload.step_seconds("wrn28_10", 128)
     flops = workload.forward_flops("wrn28_10")
     assert flops == pytest.approx(2 * 5.25e9, rel=0.02)  # WRN-28-10: 5.25 G multiply-adds per 32x32 image
@@ -57,3 +59,16 @@ def test_step_seconds_use_a_measured_table_else_the_flop_model():
     est = workload.estimate([Runs("no_such_model", 2, 10, 3, 5)])
     assert est["steps"] == 12 and est["lower_bound"] == ["no_such_model"]
     assert est["gpu_hours"] == pytest.approx(12 * workload.ASSUMED_STEP_FLOOR_S / 3600)
+
+
+def test_model_sizes_by_hand_and_the_memory_of_a_run():
+    # MPE's MLP(32, 16) on MNIST: 784·32 + 32 + 32·16 + 16 + 16·10 + 10 parameters; the leaf outputs of one example are
+    # the flattened image, then 32, 32 (tanh), 16, 16 (tanh) and 10 logits
+    assert workload.model_size("small_mlp") == (25818, 784 + 32 + 32 + 16 + 16 + 10, 784)
+    assert workload.model_size("no_such_model") is None
+    params, acts, inputs = workload.model_size("small_mlp")
+    assert workload.peak_bytes(Runs("small_mlp", 3, 1000, 5, 100)) == 4.0 * (1000 * 784 + 4 * params + 100 * acts)
+    assert workload.peak_bytes(lbfgs("small_mlp", 1, 1000, 5)) == 4.0 * (1000 * 784 + 4 * params + 1000 * acts)
+    est = workload.estimate([Runs("small_mlp", 1, 1000, 1, 100), Runs("no_such_model", 1, 10, 1, 5)])
+    assert est["peak_gb"] == pytest.approx(workload.peak_bytes(Runs("small_mlp", 1, 1000, 1, 100)) / 1e9)
+    assert est["lower_bound"] == ["no_such_model"]
