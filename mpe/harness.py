@@ -532,8 +532,11 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
            f"{flop_model}" if table else flop_model)
     lines = [f"# What the {profile} profile{' (shrunk)' * shrunk} trains, and its cost on one GPU", "",
              f"Training runs only (kernels, Jacobians and PBRF solves are not counted); GPU-hours from {how}. "
-             "L-BFGS rows count their maximum iterations. The memory of one run is its training set, four copies of "
-             "the parameters and one minibatch's activations, in float32. Regenerate: `python -m mpe.harness cost`.",
+             "L-BFGS rows count their maximum iterations. The retraining sweeps of `mpe.retrain` train up to "
+             f"{workload.STACK} models of a BatchNorm-free architecture per vmapped step on a GPU: such a step is timed "
+             "as one model's step at that many times the batch. GPU memory: the training set, four copies of the "
+             "parameters and one minibatch's activations per model trained at once, in float32. "
+             "Regenerate: `python -m mpe.harness cost`.",
              "",
              "| figure | runs | optimiser steps | examples visited | GPU-hours | GPU memory of one run (GB) | "
              "lower bound for |", "|---|---|---|---|---|---|---|"]
@@ -610,9 +613,9 @@ def main(argv=None) -> int:
             print(summary(a.profile))
         elif a.cmd == "cost":
             text = cost(a.profile, None if a.step_times == "none" else a.step_times, a.shrunk)
-            print(text)
             if a.out:
                 Path(a.out).write_text(text)
+            print(text)
         else:
             for p in notebooks():
                 extra = variants(notebook_id(p))

@@ -25,11 +25,12 @@ import functools
 import math
 from dataclasses import dataclass
 
-__all__ = ["Runs", "FORMULAS", "runs_of", "tally", "compare", "step_seconds", "model_size", "peak_bytes", "estimate",
-           "ASSUMED_FLOPS", "ASSUMED_STEP_FLOOR_S"]
+__all__ = ["Runs", "FORMULAS", "runs_of", "tally", "compare", "step_seconds", "model_size", "stackable", "stack_of",
+           "peak_bytes", "estimate", "ASSUMED_FLOPS", "ASSUMED_STEP_FLOOR_S", "STACK"]
 
 ASSUMED_FLOPS = 20e12  # sustained float32/TF32 FLOP/s of one modern data-centre GPU (A100/H100 class) on these models
 ASSUMED_STEP_FLOOR_S = 2e-3  # a training step of a small model: kernel launches and Python, not arithmetic
+STACK = 32  # models per vmapped program in mpe.retrain's sweeps (their chunk)
 
 
 @dataclass(frozen=True)
@@ -37,21 +38,28 @@ class Runs:
     """``count`` training runs of ``model`` (its name in :data:`mpe.models.MODELS`, or the class name of a model
     built otherwise) on ``n`` examples for ``epochs`` epochs at ``batch_size`` (None: full batch). ``bound``: an
     upper bound (full-batch L-BFGS iterations, which stop once converged; or runs that may coincide, as identical
-    runs of a sweep are trained once)."""
+    runs of a sweep are trained once). ``stacked``: a sweep of :mod:`mpe.retrain` (``subset_fits``,
+    ``retrained_outputs``), which on a GPU trains up to :data:`STACK` models of a vectorisable architecture per
+    vmapped step (:func:`mpe.train.train_many`)."""
     model: str
     count: int
     n: int
     epochs: int
     batch_size: int | None
     bound: bool = False
+    stacked: bool = False
 
     @property
     def batch(self):
         return "full" if self.batch_size is None or self.batch_size >= self.n else self.batch_size
 
     @property
+    def steps_per_run(self) -> int:
+        return self.epochs * (1 if self.batch == "full" else math.ceil(self.n / self.batch_size))
+
+    @property
     def steps(self) -> int:
-        return self.count * self.epochs * (1 if self.batch == "full" else math.ceil(self.n / self.batch_size))
+        return self.count * self.steps_per_run
 
 
 def lbfgs(model: str, count: int, n: int, iters: int) -> Runs:
@@ -169,7 +177,7 @@ def _mpe_fig2(p):  # per panel: θ* by L-BFGS; warm-started L-BFGS retrains with
         if p["n_check"]:
             runs.append(lbfgs(m, 1 + p["n_check"], n, p["check_iters"]))
         if paper:
-            runs.append(Runs(m, 1 + r, n - 1, p["paper_retrain_epochs"], 256))
+            runs.append(Runs(m, 1 + r, n - 1, p["paper_retrain_epochs"], 256, stacked=True))
     return runs
 
 
@@ -177,8 +185,8 @@ def _mpe_fig2(p):  # per panel: θ* by L-BFGS; warm-started L-BFGS retrains with
 def _mpe_fig3a(p):  # per panel: θ* by SGD; a warm-started SGD retrain without each of the 10 classes (9/10 of the
     runs = []       # data each, on average) and a reference; the same with L-BFGS when converged_truth
     for m, n, fit, re in _per_panel(p, "models", "n_train", "fit_epochs", "retrain_epochs"):
-        runs += [Runs(m, 1, n, fit, p["batch_size"]), Runs(m, 1, n, re, p["batch_size"]),
-                 Runs(m, 10, round(0.9 * n), re, p["batch_size"])]
+        runs += [Runs(m, 1, n, fit, p["batch_size"]), Runs(m, 1, n, re, p["batch_size"], stacked=True),
+                 Runs(m, 10, round(0.9 * n), re, p["batch_size"], stacked=True)]
         if p["converged_truth"]:
             runs.append(lbfgs(m, 11, n, 200))
     return runs
@@ -242,7 +250,7 @@ def _regularity_testselection(p):  # the reference runs for CBGL; each zoo model
 @formula("regularity-fig4")
 def _regularity_fig4(p):  # ranking runs; per seed, three orders of two partitions, partition_epochs on each
     return [_ranking_runs(p), Runs(p["model"], 6 * len(p["seeds"]), p["partition"], p["partition_epochs"],
-                                   p["batch_size"])]
+                                   p["batch_size"], bound=True)]  # at most: fewer where f0 or fN is smaller
 
 
 @formula("regularity-cscore")
@@ -250,7 +258,8 @@ def _regularity_cscore(p):  # hold-out runs on ⌊s N⌋ examples per ratio s (e
     n = p["n_train"]
     runs = [Runs(p["model"], 1, n, p["epochs"], p["batch_size"])]
     if p["cscore_source"] == "holdout":
-        runs += [Runs(p["model"], p["n_runs"], int(s * n), p["epochs"], p["batch_size"]) for s in p["ratios"]]
+        runs += [Runs(p["model"], p["n_runs"], int(s * n), p["epochs"], p["batch_size"], stacked=True)
+                 for s in p["ratios"]]
     return runs
 
 
@@ -262,9 +271,10 @@ def _regularity_selection(p):  # ranking runs; retrains on the full data, withou
     n_windows = (n - width) // width + 1
     shared = 2 * len(set(p["seeds"]) & set(p["window_seeds"])) * any(int(round(f * n)) == width for f in p["fractions"])
     # at most: where two orders remove the same examples (ties in a short run), their retrains are one
-    return [_ranking_runs(p, "ranking_seeds"), Runs(model, len(p["seeds"]), n, e, b)] + [
-        Runs(model, 4 * len(p["seeds"]), n - int(round(f * n)), e, b, bound=True) for f in p["fractions"]] + [
-        Runs(model, 2 * n_windows * len(p["window_seeds"]) - shared, n - width, e, b, bound=True)]
+    return [_ranking_runs(p, "ranking_seeds"), Runs(model, len(p["seeds"]), n, e, b, stacked=True)] + [
+        Runs(model, 4 * len(p["seeds"]), n - int(round(f * n)), e, b, bound=True, stacked=True)
+        for f in p["fractions"]] + [
+        Runs(model, 2 * n_windows * len(p["window_seeds"]) - shared, n - width, e, b, bound=True, stacked=True)]
 
 
 # lpNTK ------------------------------------------------------------------------------------------------------------
@@ -295,26 +305,31 @@ def _lpntk_gaussians(p):  # per seed: full-batch Adam on all the data and on a k
 @formula("lpntk-interactions")
 def _lpntk_interactions(p):  # the kernel network; n_runs runs per partner set (a target and its partners per class)
     return [Runs(p["model"], 1, p["n_train"], p["kernel_epochs"], 128),
-            Runs(p["model"], 3 * p["n_runs"], 10 * (1 + p["n_partners"]), p["epochs"], p["batch_size"])]
+            Runs(p["model"], 3 * p["n_runs"], 10 * (1 + p["n_partners"]), p["epochs"], p["batch_size"], stacked=True)]
 
 
 @formula("lpntk-difficulty")
 def _lpntk_difficulty(p):  # every quad-tree level's subsets; the equal-step control; the universal set again
     s, e, b, k = p["sizes"], p["epochs"], p["batch_size"], 10
     stretch = round(math.ceil(s[0] * k / b) / math.ceil(s[1] * k / b))
-    return [Runs(p["model"], s[0] // m, m * k, e, b) for m in s] + [
-        Runs(p["model"], p["equal_step_subsets"], s[1] * k, e * stretch, b), Runs(p["model"], 1, s[0] * k, e, b)]
+    equal = p["equal_step_subsets"] if stretch > 1 else 0  # with no stretch they are the level's own runs
+    return [Runs(p["model"], s[0] // m, m * k, e, b, stacked=True) for m in s] + [
+        Runs(p["model"], equal, s[1] * k, e * stretch, b, stacked=True), Runs(p["model"], 1, s[0] * k, e, b)]
 
 
 @formula("lpntk-pruning")
 def _lpntk_pruning(p):  # the reference run; EL2N's first epochs per seed; retrains on the full data and on each
     n, e, b, seeds = p["n_train"], p["epochs"], p["batch_size"], len(p["seeds"])  # rule's pruned set (9 rules)
 
-    def epochs(kept):
-        return max(1, round(e * n / kept)) if p["equal_steps"] else e
+    def kept(f):  # each rule removes round(f n_c) of each class c (taken as balanced, 10 classes)
+        return n - 10 * round(f * n / 10)
 
-    return [Runs(p["model"], 1 + seeds, n, e, b), Runs(p["model"], seeds, n, p["el2n_epochs"], b)] + [
-        Runs(p["model"], 9 * seeds, round(n * (1 - f)), epochs(round(n * (1 - f))), b) for f in p["fractions"]]
+    def epochs(k):
+        return max(1, round(e * n / k)) if p["equal_steps"] else e
+
+    return [Runs(p["model"], 1, n, e, b), Runs(p["model"], seeds, n, e, b, stacked=True),
+            Runs(p["model"], seeds, n, p["el2n_epochs"], b)] + [
+        Runs(p["model"], 9 * seeds, kept(f), epochs(kept(f)), b, stacked=True) for f in p["fractions"]]
 
 
 # LAFTR ------------------------------------------------------------------------------------------------------------
@@ -420,16 +435,35 @@ def model_size(model: str) -> tuple[int, int, int] | None:
     return sum(p.numel() for p in net.parameters()), sum(outputs), math.prod(shape)
 
 
+@functools.lru_cache(maxsize=None)
+def stackable(model: str) -> bool:
+    """Whether :func:`mpe.train.train_many` can stack ``model`` (SGD; no BatchNorm, no dropout)."""
+    from .cost import MODEL_INPUTS
+    from .models import get_model
+    from .train import vectorisable
+
+    if model not in MODEL_INPUTS:
+        return False
+    shape, k = MODEL_INPUTS[model]
+    return vectorisable(get_model(model, shape, k, seed=0)) is None
+
+
+def stack_of(r: Runs) -> int:
+    """How many of ``r``'s runs share one step on a GPU: up to :data:`STACK` for a stacked sweep of a stackable
+    model, else 1."""
+    return min(r.count, STACK) if r.stacked and r.count > 1 and stackable(r.model) else 1
+
+
 def peak_bytes(r: Runs) -> float | None:
-    """Device memory of one run of ``r``, float32: its training set (the loop moves it to the device whole), the
-    parameters four times (weights, gradients, two optimiser moments) and one minibatch's activations. None where
-    the model's size is unknown."""
+    """Device memory of one program of ``r``, float32: its training set (the loop moves it to the device whole), and
+    for each model trained at once (:func:`stack_of`) four copies of the parameters (weights, gradients, two
+    optimiser moments) and one minibatch's activations. None where the model's size is unknown."""
     size = model_size(r.model)
     if size is None:
         return None
     params, acts, inputs = size
     batch = r.n if r.batch == "full" else r.batch_size
-    return 4.0 * (r.n * inputs + 4 * params + batch * acts)
+    return 4.0 * (r.n * inputs + stack_of(r) * (4 * params + batch * acts))
 
 
 def step_seconds(model: str, batch: int, table: dict | None = None) -> tuple[float, bool]:
@@ -455,12 +489,17 @@ def step_seconds(model: str, batch: int, table: dict | None = None) -> tuple[flo
 
 
 def estimate(runs: list[Runs], table: dict | None = None) -> dict:
-    """Totals of ``runs``: runs, steps, examples, GPU-hours (:func:`step_seconds` per row), the largest
-    :func:`peak_bytes` of one run (GB) and the models whose time or memory is only a lower bound."""
+    """Totals of ``runs``: runs, steps, examples, GPU-hours (:func:`step_seconds` per row; the stacked runs of a
+    sweep as :func:`stack_of` models per step, one step of m models timed as one model's step at m times the batch:
+    the same arithmetic in one launch sequence), the largest :func:`peak_bytes` (GB) and the models whose time or
+    memory is only a lower bound."""
     hours, unknown, peak = 0.0, set(), 0.0
     for r in runs:
-        t, known = step_seconds(r.model, r.n if r.batch == "full" else r.batch_size, table)
-        hours += r.steps * t / 3600
+        m = stack_of(r)  # chunks of m models per step (the last one smaller): one model's step at m times the batch
+        batch = r.n if r.batch == "full" else r.batch_size
+        t, known = step_seconds(r.model, m * batch, table)
+        rest = step_seconds(r.model, (r.count % m) * batch, table)[0] if r.count % m else 0.0
+        hours += ((r.count // m) * t + rest) * r.steps_per_run / 3600
         peak = max(peak, peak_bytes(r) or 0.0)
         if not known or peak_bytes(r) is None:
             unknown.add(r.model)

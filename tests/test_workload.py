@@ -72,3 +72,17 @@ def test_model_sizes_by_hand_and_the_memory_of_a_run():
     est = workload.estimate([Runs("small_mlp", 1, 1000, 1, 100), Runs("no_such_model", 1, 10, 1, 5)])
     assert est["peak_gb"] == pytest.approx(workload.peak_bytes(Runs("small_mlp", 1, 1000, 1, 100)) / 1e9)
     assert est["lower_bound"] == ["no_such_model"]
+
+
+def test_a_stacked_sweep_is_timed_as_steps_of_many_models_at_once():
+    table = {("small_mlp", 100): 0.01, ("small_mlp", 3200): 0.02, ("resnet18", 100): 0.01}
+    sweep = Runs("small_mlp", 40, 1000, 2, 100, stacked=True)  # 40 runs of 2 epochs of 10 steps: 32 + 8 per step
+    assert workload.stack_of(sweep) == 32 and workload.stackable("small_mlp") and not workload.stackable("resnet18")
+    t8 = workload.step_seconds("small_mlp", 800, table)[0]
+    assert workload.estimate([sweep], table)["gpu_hours"] == pytest.approx(20 * (0.02 + t8) / 3600)
+    assert workload.estimate([Runs("resnet18", 40, 1000, 2, 100, stacked=True)], table)["gpu_hours"] == \
+        pytest.approx(40 * 20 * 0.01 / 3600)  # BatchNorm: one run after another
+    one = workload.peak_bytes(Runs("small_mlp", 1, 1000, 2, 100))
+    params, acts, _ = workload.model_size("small_mlp")
+    assert workload.peak_bytes(sweep) - one == pytest.approx(4.0 * 31 * (4 * params + 100 * acts))
+    assert workload.tally([sweep]) == workload.tally([Runs("small_mlp", 40, 1000, 2, 100)])  # the ledger counts runs
