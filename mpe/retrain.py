@@ -35,6 +35,7 @@ def default_cache(name: str) -> Path:
     return Path(root) / name
 
 
+CHUNK = 32  # models trained at once by the vectorised sweeps (memory: M copies of the model and its optimiser)
 PRESENTATION = ("harness.py", "plots.py", "stats.py", "cost.py", "workload.py")  # they never compute a job's result
 
 
@@ -241,7 +242,7 @@ def _fit_chunks(todo: list, make_model, x, y, kw: dict, evaluate, results: dict,
 
 
 def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, tag: dict, cache=None,
-                      desc: str = "retrain", vectorise="auto", chunk: int = 32):
+                      desc: str = "retrain", vectorise="auto", chunk: int = CHUNK):
     """Softmax outputs on ``probe`` after warm-started retraining without each group, and for a reference run.
 
     The reference is the same protocol on all the data, so comparing with it cancels any drift of an imperfectly
@@ -317,7 +318,7 @@ def vectorise_pays(model, x1: torch.Tensor, batch_size: int | None, n: int) -> b
 
 
 def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, cache=None, callbacks=None,
-                vectorise="auto", chunk: int = 32, desc: str = "retrain", progress: bool = True) -> list:
+                vectorise="auto", chunk: int = CHUNK, desc: str = "retrain", progress: bool = True) -> list:
     """``subset_runs`` for the common case, vectorised: train ``make_model(seed)`` from scratch on each
     ``(kept indices, seed)`` of ``subsets`` with :func:`mpe.train.train` keywords ``train_kw`` (a dict, or a
     function of the subset size that returns one, e.g. for a per-example weight decay), and return

@@ -11,13 +11,16 @@ Time on a GPU is then, to first order,
 
     time ≈ Σ_runs  count · epochs · ⌈n / B⌉ · t_step(model, B),
 
-with t_step measured (``python -m mpe.cost bench --device cuda --out figures/paper/step_times-cuda.csv``) or, where
-no table is given, modelled: t_step = max(t_launch, 3 · F(model) · B / R), with F the forward FLOPs of one example
-(counted by torch's FlopCounterMode), the backward pass twice the forward, an assumed sustained R =
-:data:`ASSUMED_FLOPS` and a floor t_launch = :data:`ASSUMED_STEP_FLOOR_S` for small models, whose steps are bound by
-kernel launches rather than arithmetic. Work outside the training loop (Jacobians, kernels, posteriors, PBRF solves)
-is not counted. The memory of one run (:func:`peak_bytes`) is its training set, four copies of the parameters and one
-minibatch's activations. ``python -m mpe.harness cost`` prints the table.
+with t_step measured (``python -m mpe.cost bench --device cuda --out FILE``; the H200's table is
+``figures/paper/step_times-nvidia-h200.csv``) or, for a model the table lacks, modelled: t_step = max(t_launch,
+3 · F(model) · B / R), with F the forward FLOPs of one example (counted by torch's FlopCounterMode), the backward pass
+twice the forward, an assumed sustained R = :data:`ASSUMED_FLOPS` and a floor t_launch = :data:`ASSUMED_STEP_FLOOR_S`
+for small models, whose steps are bound by kernel launches rather than arithmetic. The retraining sweeps of
+:mod:`mpe.retrain` stack up to :data:`STACK` models of a BatchNorm-free architecture per vmapped step on a GPU; such a
+step is timed as one model's step at that many times the batch. Work outside the training loop (Jacobians, kernels,
+posteriors, PBRF solves) is not counted. The memory (:func:`peak_bytes`) is the training set, and four copies of the
+parameters and one minibatch's activations per model trained at once. ``python -m mpe.harness cost`` prints the
+table (figures/paper/COST.md).
 """
 from __future__ import annotations
 
@@ -25,12 +28,14 @@ import functools
 import math
 from dataclasses import dataclass
 
+from .retrain import CHUNK
+
 __all__ = ["Runs", "FORMULAS", "runs_of", "tally", "compare", "step_seconds", "model_size", "stackable", "stack_of",
            "peak_bytes", "estimate", "ASSUMED_FLOPS", "ASSUMED_STEP_FLOOR_S", "STACK"]
 
 ASSUMED_FLOPS = 20e12  # sustained float32/TF32 FLOP/s of one modern data-centre GPU (A100/H100 class) on these models
 ASSUMED_STEP_FLOOR_S = 2e-3  # a training step of a small model: kernel launches and Python, not arithmetic
-STACK = 32  # models per vmapped program in mpe.retrain's sweeps (their chunk)
+STACK = CHUNK  # models per vmapped program in mpe.retrain's sweeps
 
 
 @dataclass(frozen=True)
