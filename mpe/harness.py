@@ -532,11 +532,14 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
            f"{flop_model}" if table else flop_model)
     lines = [f"# What the {profile} profile{' (shrunk)' * shrunk} trains, and its cost on one GPU", "",
              f"Training runs only (kernels, Jacobians and PBRF solves are not counted); GPU-hours from {how}. "
-             "L-BFGS rows count their maximum iterations. The retraining sweeps of `mpe.retrain` train up to "
+             "L-BFGS rows count their maximum iterations, each at least "
+             f"{workload.LBFGS_ITERATION_FLOOR_S * 1e3:.0f} ms (measured on the H200). The retraining sweeps of `mpe.retrain` train up to "
              f"{workload.STACK} models of a BatchNorm-free architecture per vmapped step on a GPU: such a step is timed "
              "as one model's step at that many times the batch. GPU memory: the training set, four copies of the "
              "parameters and one minibatch's activations per model trained at once, in float32. "
-             "Regenerate: `python -m mpe.harness cost`.",
+             "Notebooks that also compute per-example quantities at scale take longer: mpe-fig9's training cell, "
+             "its LOO trackers included, took 362 s on the H200 (figures/paper/README.md), against its training "
+             "alone in this table. Regenerate: `python -m mpe.harness cost`.",
              "",
              "| figure | runs | optimiser steps | examples visited | GPU-hours | GPU memory of one run (GB) | "
              "lower bound for |", "|---|---|---|---|---|---|---|"]

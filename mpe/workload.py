@@ -17,7 +17,8 @@ with t_step measured (``python -m mpe.cost bench --device cuda --out FILE``; the
 twice the forward, an assumed sustained R = :data:`ASSUMED_FLOPS` and a floor t_launch = :data:`ASSUMED_STEP_FLOOR_S`
 for small models, whose steps are bound by kernel launches rather than arithmetic. The retraining sweeps of
 :mod:`mpe.retrain` stack up to :data:`STACK` models of a BatchNorm-free architecture per vmapped step on a GPU; such a
-step is timed as one model's step at that many times the batch. Work outside the training loop (Jacobians, kernels,
+step is timed as one model's step at that many times the batch. An L-BFGS iteration takes at least
+:data:`LBFGS_ITERATION_FLOOR_S` (measured). Work outside the training loop (Jacobians, kernels,
 posteriors, PBRF solves) is not counted. The memory (:func:`peak_bytes`) is the training set, and four copies of the
 parameters and one minibatch's activations per model trained at once. ``python -m mpe.harness cost`` prints the
 table (figures/paper/COST.md).
@@ -36,6 +37,10 @@ __all__ = ["Runs", "FORMULAS", "runs_of", "tally", "compare", "step_seconds", "m
 ASSUMED_FLOPS = 20e12  # sustained float32/TF32 FLOP/s of one modern data-centre GPU (A100/H100 class) on these models
 ASSUMED_STEP_FLOOR_S = 2e-3  # a training step of a small model: kernel launches and Python, not arithmetic
 STACK = CHUNK  # models per vmapped program in mpe.retrain's sweeps
+# one full-batch L-BFGS iteration of a small model: the two-loop recursion over 50 stored pairs and the line search
+# are hundreds of small kernels. Measured on the H200: mpe-table1's float64 retrains of softmax regression on 4,000
+# images, at most 200 iterations each, took about 2.6 s (figures/paper/README.md)
+LBFGS_ITERATION_FLOOR_S = 2.6 / 200
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Runs:
     batch_size: int | None
     bound: bool = False
     stacked: bool = False
+    lbfgs: bool = False
 
     @property
     def batch(self):
@@ -68,7 +74,8 @@ class Runs:
 
 
 def lbfgs(model: str, count: int, n: int, iters: int) -> Runs:
-    return Runs(model, count, n, iters, None, bound=True)
+    """``count`` full-batch L-BFGS runs of at most ``iters`` iterations (one iteration: one step, all n examples)."""
+    return Runs(model, count, n, iters, None, bound=True, lbfgs=True)
 
 
 def tally(runs: list[Runs]) -> dict:
@@ -503,6 +510,8 @@ def estimate(runs: list[Runs], table: dict | None = None) -> dict:
         m = stack_of(r)  # chunks of m models per step (the last one smaller): one model's step at m times the batch
         batch = r.n if r.batch == "full" else r.batch_size
         t, known = step_seconds(r.model, m * batch, table)
+        if r.lbfgs:
+            t = max(t, LBFGS_ITERATION_FLOOR_S)
         rest = step_seconds(r.model, (r.count % m) * batch, table)[0] if r.count % m else 0.0
         hours += ((r.count // m) * t + rest) * r.steps_per_run / 3600
         peak = max(peak, peak_bytes(r) or 0.0)

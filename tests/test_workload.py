@@ -86,3 +86,9 @@ def test_a_stacked_sweep_is_timed_as_steps_of_many_models_at_once():
     params, acts, _ = workload.model_size("small_mlp")
     assert workload.peak_bytes(sweep) - one == pytest.approx(4.0 * 31 * (4 * params + 100 * acts))
     assert workload.tally([sweep]) == workload.tally([Runs("small_mlp", 40, 1000, 2, 100)])  # the ledger counts runs
+
+
+def test_an_lbfgs_iteration_costs_at_least_its_measured_floor():
+    est = workload.estimate([lbfgs("small_mlp", 2, 100, 50)], {("small_mlp", 8): 1e-3, ("small_mlp", 512): 2e-3})
+    assert est["gpu_hours"] == pytest.approx(2 * 50 * workload.LBFGS_ITERATION_FLOOR_S / 3600)
+    assert est["steps"] == 100
