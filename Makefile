@@ -14,7 +14,7 @@ PARAMS    ?=          # notebook parameters for figures: PARAMS='-p n_train 500'
 # your driver supports); the pin stays the same version, so the stored results compare like with like.
 TORCH_INDEX ?=
 
-.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels smoke unit bench lab references data clean
+.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels smoke unit bench cost lab references data clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -26,6 +26,7 @@ help:  ## list the targets
 	@echo "make smoke [DEVICE=cuda]  every paper profile and variant, shrunk to tiny data, on DEVICE (the GPU check: minutes)"
 	@echo "make unit              unit tests only"
 	@echo "make bench             a retraining sweep vectorised / on Dask / one after another; per-example gradients"
+	@echo "make cost              what every paper-profile notebook trains and its GPU-hours -> figures/paper/COST.md"
 	@echo "make lab               JupyterLab on notebooks/"
 	@echo "make references        re-execute notebooks in place: refresh the stored nbval references"
 	@echo "make data-quick        provide and verify what the quick profile needs (Fashion-MNIST; run by figures and test)"
@@ -111,3 +112,6 @@ clean:
 # Ratios measured side by side in one run on this machine (not a test: timings vary between machines).
 bench: env
 	MPE_OFFLINE=1 $(PY) -m mpe.cost sweeps
+
+cost: env
+	$(PY) -m mpe.harness cost --out figures/paper/COST.md
