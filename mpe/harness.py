@@ -552,7 +552,8 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
             memory = f"{est['peak_gb']:.2g}" if est["peak_gb"] else "–"
             lines.append(f"| {figure_id(nb_id, v)} | {est['runs']:,} | {est['steps']:,} | {est['examples']:,} | "
                          f"{est['gpu_hours']:.3g} | {memory} | {', '.join(est['lower_bound'])} |")
-    lines += ["", f"Total: about {total:.3g} GPU-hours."]
+    lines += ["", f"Total: about {total:.3g} GPU-hours. A sweep's runs are independent jobs: fanned out over k GPUs "
+              "with Dask (README, Retraining sweeps) its wall time is about its GPU-hours / k."]
     return "\n".join(lines) + "\n"
 
 
