@@ -49,10 +49,10 @@ def _log_run(model: nn.Module, optimizer: str, n: int, batch_size: int | None, e
 
 def work(rows=None) -> dict:
     """The training done by :func:`train` and :func:`train_many` in this process (``rows``: default :data:`WORK`),
-    per model and batch size: ``{"<model> @ <batch size or full>": {"runs", "steps", "examples"}}``, with ``examples`` the
-    examples visited (epochs × n summed over runs) and ``steps`` the optimiser steps (an L-BFGS iteration counts as
-    one full-batch step and one visit of every example). Results loaded from a cache cost nothing and are not counted; nor is work outside the
-    training loop (Jacobians, kernels, posteriors)."""
+    per model and batch size: ``{"<model> @ <batch size or full>": {"runs", "steps", "examples"}}``, with
+    ``examples`` the examples visited (epochs × n summed over runs) and ``steps`` the optimiser steps (an L-BFGS
+    iteration counts as one full-batch step and one visit of every example). Results loaded from a cache cost
+    nothing and are not counted; nor is work outside the training loop (Jacobians, kernels, posteriors)."""
     out: dict = {}
     for r in WORK if rows is None else rows:
         batch = "full" if r["batch_size"] >= r["n"] else r["batch_size"]
