@@ -218,7 +218,7 @@ class Claims:
         path = out / f"{self.nb_id}.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         record = {"id": self.nb_id, "profile": self.profile, "claims": self.rows, "runtime_s": old.get("runtime_s")}
-        if self.profile == "paper":  # the training this run did (cached results excluded): checked by mpe.budget
+        if self.profile == "paper":  # the training this run did (cached results excluded): checked against mpe.workload
             from .train import work
 
             record["work"] = work()
@@ -533,7 +533,8 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
     lines = [f"# What the {profile} profile{' (shrunk)' * shrunk} trains, and its cost on one GPU", "",
              f"Training runs only (kernels, Jacobians and PBRF solves are not counted); GPU-hours from {how}. "
              "L-BFGS rows count their maximum iterations, each at least "
-             f"{workload.LBFGS_ITERATION_FLOOR_S * 1e3:.0f} ms (measured on the H200). The retraining sweeps of `mpe.retrain` train up to "
+             f"{workload.LBFGS_ITERATION_FLOOR_S * 1e3:.0f} ms (measured on the H200). "
+             "The retraining sweeps of `mpe.retrain` train up to "
              f"{workload.STACK} models of a BatchNorm-free architecture per vmapped step on a GPU: such a step is timed "
              "as one model's step at that many times the batch. GPU memory: the training set, four copies of the "
              "parameters and one minibatch's activations per model trained at once, in float32. "

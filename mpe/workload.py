@@ -514,8 +514,9 @@ def estimate(runs: list[Runs], table: dict | None = None) -> dict:
             t = max(t, LBFGS_ITERATION_FLOOR_S)
         rest = step_seconds(r.model, (r.count % m) * batch, table)[0] if r.count % m else 0.0
         hours += ((r.count // m) * t + rest) * r.steps_per_run / 3600
-        peak = max(peak, peak_bytes(r) or 0.0)
-        if not known or peak_bytes(r) is None:
+        memory = peak_bytes(r)
+        peak = max(peak, memory or 0.0)
+        if not known or memory is None:
             unknown.add(r.model)
     return dict(runs=sum(r.count for r in runs), steps=sum(r.steps for r in runs),
                 examples=sum(r.count * r.epochs * r.n for r in runs), gpu_hours=hours, peak_gb=peak / 1e9,
