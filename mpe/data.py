@@ -18,9 +18,11 @@ left in the cache.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
@@ -35,7 +37,7 @@ import torch
 
 __all__ = ["Data", "load", "DATASETS", "DataNotAvailable", "ChecksumError", "read_idx",
            "class_balanced_subset", "flip_labels", "permute_pixels", "fetch", "load_cscores", "AUGMENTATIONS",
-           "augmented", "provision"]
+           "augmented", "provision", "from_spec"]
 
 
 class DataNotAvailable(FileNotFoundError):
@@ -480,6 +482,32 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
     return Data(name, normalise(x_tr, scale, mean, std, dtype), torch.tensor(np.asarray(y_tr), dtype=torch.long),
                 normalise(x_te, scale, mean, std, dtype), torch.tensor(np.asarray(y_te), dtype=torch.long),
                 classes if name == "cifar100" else _CLASSES[name])
+
+
+DATA_SPEC_KEYS = ("name", "n_train", "n_test", "seed", "flip", "flip_seed")
+
+
+def from_spec(spec: dict) -> Data:
+    """The data set that a JSON description names, as a retraining job's worker rebuilds it (loaded once per process).
+
+    ``spec``: ``{"name": one of DATASETS, "n_train": int or None, "n_test": int or None, "seed": 0}`` gives
+    ``load(name).subset(n_train, n_test, seed)``; optional ``"flip": fraction, "flip_seed": int`` then flips that
+    fraction of the training labels (:func:`flip_labels`). Unknown keys are an error, so a typo never silently names
+    the whole data set."""
+    unknown = set(spec) - set(DATA_SPEC_KEYS)
+    if unknown or "name" not in spec:
+        raise ValueError(f"a data spec needs 'name' and may have {', '.join(DATA_SPEC_KEYS[1:])}; got {sorted(spec)}")
+    return _from_spec(json.dumps(spec, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _from_spec(blob: str) -> Data:
+    spec = json.loads(blob)
+    data = load(spec["name"]).subset(spec.get("n_train"), spec.get("n_test"), spec.get("seed", 0))
+    if spec.get("flip"):
+        data = replace(data, y_train=flip_labels(data.y_train, spec["flip"], data.n_classes,
+                                                 spec.get("flip_seed", 0))[0])
+    return data
 
 
 def load_cscores(name: str, labels: torch.Tensor | None = None, *, download: bool | None = None) -> torch.Tensor:

@@ -1,17 +1,24 @@
 """Ground truth by retraining, as a list of independent jobs with cached results.
 
-Each job has a key (a short hash of its JSON description and of the code that computes it); its result is written
-atomically to ``<cache>/<key>.pt`` when it finishes. Running the same sweep again loads finished jobs and computes
-only the missing ones, so an interrupted sweep resumes where it stopped. Jobs run in this process (default) or on the
-workers of a Dask cluster (``executor=``, or the scheduler address in ``$MPE_DASK_SCHEDULER``): a
-``distributed.LocalCluster`` with one worker per core or GPU, or a SLURM cluster from dask-jobqueue. Sweeps of
-small models trained from scratch (:func:`subset_fits`) train many models in one vectorised program
-(:func:`mpe.train.train_many`).
+A job is data: a top-level function and a JSON description (its *spec*) from which a worker rebuilds everything: the
+data set, the model, the subset and the training recipe (:func:`fit_subset`, run by :func:`run_specs`). Its key
+hashes the spec, the torch version, the device type and only the code the job runs (:func:`code_fingerprint`: the
+function's module and the package modules it imports). Its result is written atomically to ``<cache>/<key>.pt``
+when it finishes, so running the same sweep again loads finished jobs and computes only the missing ones: an
+interrupted sweep resumes where it stopped. Jobs run in this process (default) or on the workers of a Dask cluster
+(``executor=``, or the scheduler address in ``$MPE_DASK_SCHEDULER``): a ``distributed.LocalCluster`` with one
+worker per core or GPU, or a SLURM cluster from dask-jobqueue. Specs that differ only in subset and seed are trained
+together, many models in one vectorised program (:func:`mpe.train.train_many`), locally or on a worker.
+
+Sweeps whose jobs need objects no spec can name (a trained θ_* to warm-start from, a penalty) still pass
+zero-argument callables to :func:`run_jobs`; their key includes a fingerprint of the whole package.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
+import importlib
 import json
 import os
 import uuid
@@ -22,7 +29,8 @@ import torch
 from .train import flat_params, predict, set_flat_params, train, train_many, vectorisable
 
 __all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache", "subset_runs",
-           "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed"]
+           "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed", "run_specs", "spec_key",
+           "fit_subset", "fit_subsets", "code_fingerprint", "code_closure", "EVALUATIONS"]
 
 
 def default_cache(name: str) -> Path:
@@ -39,14 +47,55 @@ CHUNK = 32  # models trained at once by the vectorised sweeps (memory: M copies 
 PRESENTATION = ("harness.py", "plots.py", "stats.py", "cost.py", "workload.py")  # they never compute a job's result
 
 
-def code_fingerprint() -> str:
-    """Hash of the package's source files that compute results: part of every job key, so results cached by older
-    code are never reused. The presentation and costing modules (:data:`PRESENTATION`) are left out: a new claims
-    format, plot style or cost formula does not retrain anything."""
+PACKAGE = Path(__file__).parent
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Stems of the sibling modules that the source file ``path`` imports (``from .x``, ``from . import x``,
+    ``from <package>.x``, ``import <package>.x``), at module level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level == 1 or (node.level == 0 and parts[0] == package):
+                rest = parts if node.level == 1 else parts[1:]
+                out.update([rest[0]] if rest and rest[0] else [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith(package + "."))
+    return out
+
+
+def code_closure(module: str, root: Path = PACKAGE) -> list[str]:
+    """The package modules (file stems under ``root``) that module ``module`` reaches through its imports,
+    transitively, with the package's ``__init__``; the presentation modules (:data:`PRESENTATION`) left out."""
+    seen, todo = set(), [module, "__init__"]
+    while todo:
+        m = todo.pop()
+        path = root / f"{m}.py"
+        if m in seen or not path.exists() or path.name in PRESENTATION:
+            continue
+        seen.add(m)
+        todo.extend(_imports(path, root.name))
+    return sorted(seen)
+
+
+def code_fingerprint(fn=None, root: Path = PACKAGE) -> str:
+    """Hash of the source that computes a result, part of every job key, so results cached by older code are never
+    reused. For a job function ``fn``: its module and the package modules it reaches (:func:`code_closure`), so an
+    edit elsewhere in the package keeps its cache. Without ``fn`` (a closure, whose code cannot be known): every
+    module but the presentation and costing ones (:data:`PRESENTATION`: a new claims format, plot style or cost
+    formula retrains nothing)."""
+    if fn is None:
+        files = [f for f in sorted(root.glob("*.py")) if f.name not in PRESENTATION]
+    elif fn.__module__.startswith(root.name + "."):
+        files = [root / f"{m}.py" for m in code_closure(fn.__module__.split(".")[1], root)]
+    else:  # a job function of the user's own module: that file and the package modules it imports
+        own = Path(importlib.import_module(fn.__module__).__file__)
+        files = [own] + [root / f"{m}.py" for m in sorted({c for m in _imports(own, root.name)
+                                                             for c in code_closure(m, root)})]
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        if f.name not in PRESENTATION:
-            h.update(f.read_bytes())
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -136,52 +185,224 @@ def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc:
     Dask scheduler); a ``distributed.Client``, a cluster or a scheduler address runs them on its workers (the
     callables travel by cloudpickle; results come back and are cached here as they finish). One progress bar counts
     finished jobs. A job that raises does not stop the others: they finish and are cached, then :class:`JobsFailed`
-    names every failed key with its description.
+    names every failed key with its description. Prefer :func:`run_specs` where the job can be described as data.
     """
     results, paths = load_cached(jobs, cache)
-    todo = [(key, jobs[key], path) for key, path in paths.items()]
-    if not todo:
-        return results
+    units = [([key], _one, (jobs[key],)) for key in paths]
+    _execute(units, paths, results, _SPECS, progress, desc, executor)
+    return results
+
+
+def _one(fn):
+    return [fn()]
+
+
+def _execute(units: list, paths: dict, results: dict, specs: dict, progress: bool, desc: str, executor) -> None:
+    """Run ``units`` [(keys, function, args)], each returning the results of its keys as a list, here or on a Dask
+    cluster; store each result in ``results`` and at ``paths[key]`` (if not None) as its unit finishes; one progress
+    bar over jobs; :class:`JobsFailed` at the end names the keys of the units that raised, with ``specs[key]``."""
+    if not units:
+        return
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"{desc} ({len(results)} cached)")
+        bar = tqdm(total=sum(len(keys) for keys, *_ in units), desc=f"{desc} ({len(results)} cached)")
     failed = {}
 
-    def finish(key, path, res):
-        if path is not None:
-            save_result(path, res)
-        results[key] = res
+    def finish(keys, out, error=None):
+        for i, key in enumerate(keys):
+            if error is not None:
+                failed[key] = (specs.get(key), error)
+                continue
+            if paths[key] is not None:
+                save_result(paths[key], out[i])
+            results[key] = out[i]
         if bar is not None:
-            bar.update()
+            bar.update(len(keys))
 
     client = _client(executor)
     if client is None:
-        for key, fn, path in todo:
+        for keys, fn, args in units:
             try:
-                res = fn()
-            except Exception as e:  # noqa: BLE001 - reported with the job's description below
-                failed[key] = (_SPECS.get(key), e)
+                out = fn(*args)
+            except Exception as e:  # noqa: BLE001 - reported with the jobs' descriptions below
+                finish(keys, None, e)
                 continue
-            finish(key, path, res)
+            finish(keys, out)
     else:
         from distributed import as_completed
 
-        futures = {client.submit(fn, pure=False, key=f"{desc}-{key}-{uuid.uuid4().hex[:6]}"): (key, path)
-                   for key, fn, path in todo}
+        futures = {client.submit(fn, *args, pure=False, key=f"{desc}-{keys[0]}-{uuid.uuid4().hex[:6]}"): keys
+                   for keys, fn, args in units}
         for fut in as_completed(futures):
-            key, path = futures[fut]
             if fut.status == "error":
-                failed[key] = (_SPECS.get(key), fut.exception())
+                finish(futures[fut], None, fut.exception())
             else:
-                finish(key, path, fut.result())
+                finish(futures[fut], fut.result())
             fut.release()
     if bar is not None:
         bar.close()
     if failed:
         raise JobsFailed(failed, len(results))
-    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Jobs as data: a top-level function and a JSON spec
+# ----------------------------------------------------------------------------------------------------------
+def job_function(fn) -> str:
+    """``"module:name"`` of ``fn``, which must be a top-level function of an importable module (not ``__main__``,
+    not a lambda or a closure): a worker finds it by that name and rebuilds everything else from the spec."""
+    name, module = getattr(fn, "__qualname__", ""), getattr(fn, "__module__", None)
+    ok = module not in (None, "__main__") and "." not in name and "<" not in name
+    if ok:
+        try:
+            ok = getattr(importlib.import_module(module), name, None) is fn
+        except ImportError:
+            ok = False
+    if not ok:
+        raise ValueError(f"a job must be a top-level function of an importable module, not {fn!r} (put it in a "
+                         "module, and everything it needs in its spec)")
+    return f"{module}:{name}"
+
+
+def spec_key(fn, spec: dict) -> str:
+    """Stable 16-hex-digit key of the job ``fn(spec)``: the function's name, the spec (JSON; a ``"device"`` entry,
+    default "cpu", enters as its device type), the torch version and :func:`code_fingerprint` of ``fn``."""
+    try:
+        blob = json.dumps(dict(fn=job_function(fn), spec=spec, torch=torch.__version__, code=code_fingerprint(fn),
+                               device=torch.device(spec.get("device", "cpu")).type), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ValueError) and str(e).startswith("a job must"):
+            raise
+        raise ValueError(f"a job spec must be JSON (dicts, lists, strings, finite numbers, None): {e}") from e
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _run_specs(fn, specs: list) -> list:
+    """Run one unit of a sweep (on a worker or here): ``fn.batched(specs)`` where ``fn`` has one, else ``fn`` per spec."""
+    batched = getattr(fn, "batched", None)
+    return batched(specs) if batched is not None else [fn(s) for s in specs]
+
+
+def run_specs(fn, specs: list, cache: Path | None = None, executor=None, progress: bool = True, desc: str = "jobs",
+              chunk: int = CHUNK) -> list:
+    """The results of the jobs ``fn(spec)`` for every spec of ``specs``, in order, each cached at
+    ``cache/<spec_key(fn, spec)>.pt``; identical specs run once.
+
+    ``fn`` is a top-level function (:func:`job_function`); each ``spec`` a JSON dict from which it rebuilds what it
+    needs. Where ``fn`` has ``fn.batched(specs) -> results`` and ``fn.group(spec) -> str``, missing specs of one
+    group are run ``chunk`` at a time in one call (e.g. :func:`fit_subsets`: one vectorised program). ``executor``
+    as for :func:`run_jobs`: here, or on the workers of a Dask cluster, where each unit travels as the function's
+    name and its specs. A failed unit does not stop the others; :class:`JobsFailed` names each failed spec."""
+    keys = [spec_key(fn, s) for s in specs]
+    results, paths = load_cached(keys, cache)
+    spec_of = dict(zip(keys, specs))
+    group = getattr(fn, "group", None)
+    groups: dict = {}
+    for key in paths:
+        groups.setdefault(group(spec_of[key]) if group is not None and hasattr(fn, "batched") else key, []).append(key)
+    units = [(part, _run_specs, (fn, [spec_of[k] for k in part]))
+             for members in groups.values() for part in (members[i:i + chunk] for i in range(0, len(members), chunk))]
+    _execute(units, paths, results, spec_of, progress, desc, executor)
+    return [results[k] for k in keys]
+
+
+def _probs(model, x):
+    return torch.softmax(predict(model, x), 1).cpu()
+
+
+EVALUATIONS = {  # what a retrained model reports, by name: model, Data -> CPU tensor
+    "train_correct": lambda m, d: (predict(m, d.x_train).argmax(1).cpu() == d.y_train).float(),
+    "test_correct": lambda m, d: (predict(m, d.x_test).argmax(1).cpu() == d.y_test).float(),
+    "test_accuracy": lambda m, d: (predict(m, d.x_test).argmax(1).cpu() == d.y_test).float().mean(),
+    "train_probs": lambda m, d: _probs(m, d.x_train),
+    "test_probs": lambda m, d: _probs(m, d.x_test),
+    "test_loss": lambda m, d: torch.nn.functional.cross_entropy(predict(m, d.x_test).cpu().double(), d.y_test,
+                                                                reduction="none"),
+}
+FIT_SPEC_KEYS = ("data", "model", "seed", "kept", "removed", "train", "evaluate", "device")
+
+
+def fit_subset(spec: dict):
+    """The job of a retraining sweep, rebuilt from its description alone: train a fresh model on a subset of a named
+    data set, then evaluate it. ``spec``::
+
+        {"data": {"name": "fmnist", "n_train": 4000, "n_test": 1000, "seed": 0},  # mpe.data.from_spec
+         "model": {"name": "jiang_mlp"},      # mpe.models.get_model's name and keywords
+         "seed": 3,                           # the initialisation and the minibatch order
+         "kept": [0, 5, ...],                 # training examples kept (or "removed": [...] to drop some)
+         "train": {"epochs": 10, "lr": 0.1},  # mpe.train.train keywords (no seed)
+         "evaluate": "train_correct",         # a name from EVALUATIONS
+         "device": "cpu"}                     # where to train ("cuda" on a GPU worker)
+
+    Returns the evaluation (a CPU tensor). See :func:`fit_subsets` for many at once."""
+    return fit_subsets([spec])[0]
+
+
+def _check_fit_spec(spec: dict) -> None:
+    missing = {"data", "model", "seed", "train", "evaluate"} - set(spec)
+    unknown = set(spec) - set(FIT_SPEC_KEYS)
+    if missing or unknown or ("kept" in spec) == ("removed" in spec):
+        raise ValueError(f"a fit_subset spec needs data, model, seed, train, evaluate and one of kept/removed "
+                         f"(missing {sorted(missing)}, unknown {sorted(unknown)}); got {sorted(spec)}")
+    if spec["evaluate"] not in EVALUATIONS:
+        raise ValueError(f"unknown evaluation {spec['evaluate']!r}; valid choices: {', '.join(EVALUATIONS)}")
+    if "seed" in spec["train"]:
+        raise ValueError("the spec's 'seed' sets the minibatch order; remove 'seed' from 'train'")
+
+
+def _fit_group(spec: dict) -> str:
+    """Specs with equal groups train together: the same everything but the subset and seed, and the same subset size
+    (the steps per epoch depend on it)."""
+    _check_fit_spec(spec)
+    size = ("kept", len(spec["kept"])) if "kept" in spec else ("removed", len(spec["removed"]))
+    rest = {k: v for k, v in spec.items() if k not in ("kept", "removed", "seed")}
+    return json.dumps([rest, size], sort_keys=True)
+
+
+def fit_subsets(specs: list, vectorise="auto") -> list:
+    """:func:`fit_subset` of each spec, in order: the specs of one group (:func:`_fit_group`) are trained together by
+    :func:`mpe.train.train_many` where it applies and pays (:func:`vectorise_pays`; results equal one ``train`` per
+    spec to float rounding), else one after another."""
+    from . import get_device
+    from .data import from_spec
+    from .models import get_model
+
+    out, groups = [None] * len(specs), {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(_fit_group(spec), []).append(i)
+    for members in groups.values():
+        first = specs[members[0]]
+        data, dev = from_spec(first["data"]), get_device(first.get("device", "cpu"))
+        model_kw = dict(first["model"])
+        name = model_kw.pop("name")
+        kw = first["train"]
+        n = len(data.y_train)
+        todo = [(i, _kept(n, specs[i]["removed"]) if "removed" in specs[i] else torch.as_tensor(specs[i]["kept"]).long(),
+                 int(specs[i]["seed"]), None) for i in members]
+
+        def make_model(seed):
+            return get_model(name, data.shape, data.n_classes, seed=seed, **model_kw).to(dev)
+
+        size = len(todo[0][1])
+
+        def fast(model):
+            pays = vectorise_pays(model, data.x_train[:1], kw.get("batch_size", 256), size) if vectorise == "auto" \
+                else bool(vectorise)
+            return pays and vectorisable(model, **kw) is None
+
+        results = {}
+        _fit_chunks(todo, make_model, data.x_train, data.y_train, kw,
+                    lambda m, cb: EVALUATIONS[first["evaluate"]](m, data), results, None, chunk=len(todo),
+                    vectorised=fast)
+        for i in members:
+            out[i] = results[i]
+    return out
+
+
+fit_subset.batched = fit_subsets
+fit_subset.group = _fit_group
 
 
 def _kept(n: int, group) -> torch.Tensor:
@@ -238,7 +459,8 @@ def _fit_chunks(todo: list, make_model, x, y, kw: dict, evaluate, results: dict,
             results[key] = evaluate(model, cb)
             if path is not None:
                 save_result(path, results[key])
-        bar.update(len(part))
+        if bar is not None:
+            bar.update(len(part))
 
 
 def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, tag: dict, cache=None,

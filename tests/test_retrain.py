@@ -14,7 +14,20 @@ from torch import nn
 
 from mpe.models import get_model
 from mpe.regularity import LearningDifficulty, VisitRecorder
-from mpe.retrain import _CLIENTS, JobsFailed, job_key, run_jobs, subset_fits, subset_runs, vectorise_pays
+from mpe.retrain import (
+    _CLIENTS,
+    JobsFailed,
+    code_closure,
+    code_fingerprint,
+    fit_subset,
+    job_key,
+    run_jobs,
+    run_specs,
+    spec_key,
+    subset_fits,
+    subset_runs,
+    vectorise_pays,
+)
 from mpe.train import predict, stop_after, train, train_many, vectorisable
 
 
@@ -155,6 +168,88 @@ def test_subset_fits_equals_subset_runs_and_caches(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+DIGITS = dict(name="digits", n_train=120, n_test=60, seed=0)
+KW = dict(epochs=2, lr=0.1, batch_size=16, momentum=0.9)
+
+
+def digit_specs(evaluate="test_probs"):
+    g = torch.Generator().manual_seed(2)
+    runs = [(torch.sort(torch.randperm(120, generator=g)[:n]).values.tolist(), s) for n, s in [(80, 1), (80, 2), (60, 3)]]
+    return [dict(data=DIGITS, model=dict(name="mlp", hidden=[8]), seed=s, kept=k, train=KW, evaluate=evaluate)
+            for k, s in runs]
+
+
+def test_spec_jobs_rebuild_what_subset_fits_is_given_and_resume(tmp_path, monkeypatch):
+    from mpe.data import from_spec
+
+    d = from_spec(DIGITS)
+    specs = digit_specs()
+    ref = subset_fits(lambda s: get_model("mlp", d.shape, d.n_classes, seed=s, hidden=[8]), d.x_train, d.y_train,
+                      [(torch.tensor(sp["kept"]), sp["seed"]) for sp in specs], KW,
+                      lambda net: predict(net, d.x_test).softmax(1), {}, None, progress=False)
+    got = run_specs(fit_subset, specs + specs[:1], tmp_path, progress=False)  # a repeated spec runs once
+    for a, b in zip(ref + ref[:1], got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert len(list(tmp_path.iterdir())) == 3
+    # "removed" names the complement of "kept": the same run
+    removed = dict(specs[0], removed=sorted(set(range(120)) - set(specs[0]["kept"])))
+    del removed["kept"]
+    torch.testing.assert_close(fit_subset(removed), ref[0], rtol=1e-6, atol=1e-7)
+    # a second sweep trains nothing: every result comes from the cache
+    monkeypatch.setattr(fit_subset, "batched", lambda specs: 1 / 0)
+    assert all(torch.equal(a, b) for a, b in zip(run_specs(fit_subset, specs, tmp_path, progress=False), got))
+
+
+def test_a_job_key_depends_on_the_code_the_job_runs_and_no_other(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import f\n\ndef job(spec):\n    from pkg import c\n    return f(spec)\n")
+    (pkg / "b.py").write_text("from . import d as D\nimport pkg.e\ndef f(spec):\n    return spec\n")
+    for m in "cde":
+        (pkg / f"{m}.py").write_text("x = 1\n")
+    (pkg / "unrelated.py").write_text("x = 1\n")
+    (pkg / "harness.py").write_text("x = 1\n")  # presentation: never part of a fingerprint
+    assert code_closure("a", pkg) == ["__init__", "a", "b", "c", "d", "e"]
+    job = SimpleNamespace(__module__="pkg.a")
+
+    def fp():
+        return code_fingerprint(job, pkg)
+
+    before = fp()
+    (pkg / "unrelated.py").write_text("x = 2\n")
+    (pkg / "harness.py").write_text("x = 2\n")
+    assert fp() == before
+    (pkg / "e.py").write_text("x = 2\n")  # reached through b's `import pkg.e`
+    assert fp() != before
+    # in this package: fit_subset runs the training code, not the kernels or the plots
+    assert {"retrain", "train", "data", "models"} <= set(code_closure("retrain"))
+    assert not {"kernels", "fsd", "harness", "plots"} & set(code_closure("retrain"))
+
+
+def test_a_job_is_a_top_level_function_and_a_json_spec(tmp_path):
+    spec = digit_specs()[0]
+    assert spec_key(fit_subset, spec) == spec_key(fit_subset, dict(reversed(list(spec.items()))))  # order-free
+    assert spec_key(fit_subset, spec) != spec_key(fit_subset, dict(spec, seed=9))
+    assert spec_key(fit_subset, spec) != spec_key(fit_subset, dict(spec, device="meta"))  # the device type
+    with pytest.raises(ValueError, match="top-level function"):
+        spec_key(lambda s: s, spec)
+    with pytest.raises(ValueError, match="must be JSON"):
+        spec_key(fit_subset, dict(spec, kept=torch.arange(3)))
+    with pytest.raises(ValueError, match="must be JSON"):
+        spec_key(fit_subset, dict(spec, train=dict(KW, lr=float("nan"))))
+    # a bad spec is refused before anything trains
+    with pytest.raises(ValueError, match="unknown evaluation 'accuracy'"):
+        run_specs(fit_subset, [spec, dict(spec, evaluate="accuracy")], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="one of kept/removed"):
+        run_specs(fit_subset, [dict(spec, removed=[0])], tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())
+    # a job that fails where it runs is named with its spec; the others finish and are cached
+    with pytest.raises(JobsFailed, match="unknown dataset 'nope'(.|\n)*'name': 'nope'"):
+        run_specs(fit_subset, [spec, dict(spec, data=dict(DIGITS, name="nope"))], tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{spec_key(fit_subset, spec)}.pt"]
+
+
 def test_a_failed_job_is_named_and_the_others_are_kept(tmp_path):
     def job(i):
         def run():
@@ -237,6 +332,13 @@ def test_dask_local_cluster_gives_the_local_results(tmp_path, monkeypatch):
         assert {out[k][0] for k in keys} == {i ** 2 for i in range(4)}
         assert all(out[k][1] != os.getpid() for k in keys)  # computed in the workers' processes
         _CLIENTS.pop(cluster.scheduler_address).close()
+        monkeypatch.delenv("MPE_DASK_SCHEDULER")
+        specs = digit_specs("test_correct")  # jobs as data: each worker rebuilds the data and models from the spec
+        spec_remote = run_specs(fit_subset, specs, tmp_path / "spec-dask", executor=client, progress=False)
+    spec_local = run_specs(fit_subset, specs, tmp_path / "spec-local", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(spec_local, spec_remote))
+    assert sorted(p.name for p in (tmp_path / "spec-local").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "spec-dask").iterdir())
     for a, b in zip(local, remote):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == \
