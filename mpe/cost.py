@@ -17,7 +17,6 @@ one GPU is kept in ``figures/paper/step_times-<device>.csv``.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import time
@@ -88,62 +87,51 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-@functools.lru_cache(maxsize=1)
 def _bench_data():
     from .data import load
 
     return load("mnist5k").subset(4000, 1000, seed=0)
 
 
-def _bench_subset(m: int) -> torch.Tensor:
-    return torch.randperm(4000, generator=torch.Generator().manual_seed(m))[:3000]
-
-
-def _bench_fit(spec: dict) -> torch.Tensor:
-    """One run of the benchmark sweep, rebuilt from its description alone (a job that travels as data: a worker
-    loads the data set once and reuses it)."""
-    data, m = _bench_data(), spec["m"]
-    net = get_model(spec["model"], data.shape, 10, seed=m)
-    idx = _bench_subset(m)
-    train(net, data.x_train[idx], data.y_train[idx], seed=m, **spec["recipe"])
-    return torch.cat([p.detach().flatten() for p in net.parameters()])
-
-
 def sweep_times(n_models: int = 32, models=("softmax_regression", "mlp"), epochs: int = 10, batch_size: int = 64,
                 workers: int = 2, progress: bool = False) -> list[dict]:
     """Side by side on this machine: one retraining sweep (``n_models`` runs from scratch on random 3/4 subsets of
-    4,000 MNIST images, SGD) run one after another, vectorised (:func:`mpe.train.train_many`) and on a Dask
-    ``LocalCluster`` of ``workers`` single-threaded processes (if the distributed extra is installed); then the cost
-    of per-example gradients (``torch.func``: vmap of grad) in batched backward passes. One row per measurement."""
-    from .retrain import job_key, run_jobs
-    from .train import train_many
+    4,000 MNIST images, SGD; jobs described by data, :func:`mpe.retrain.fit_subset`) run one after another,
+    vectorised (:func:`mpe.retrain.fit_subsets`: :func:`mpe.train.train_many`) and on a Dask ``LocalCluster`` of
+    ``workers`` single-threaded processes, each training its share of the runs vectorised (if the distributed extra
+    is installed); then the cost of per-example gradients (``torch.func``: vmap of grad) in batched backward passes.
+    One row per measurement. Nothing is cached: every sweep trains."""
+    from .data import from_spec
+    from .retrain import fit_subset, fit_subsets, run_specs
 
     data = _bench_data()
-    subsets = [_bench_subset(m) for m in range(n_models)]
+    from_spec(data.spec)  # the jobs' data, loaded once before the clocks start
     recipe = dict(epochs=epochs, lr=0.05, batch_size=batch_size, schedule="constant")
     rows = []
     for name in models:
-        specs = [dict(model=name, m=m, recipe=recipe) for m in range(n_models)]
-        seq = _timed(lambda: [_bench_fit(spec) for spec in specs])
+        specs = [dict(data=data.spec, model=dict(name=name), seed=m, evaluate="test_accuracy", train=recipe,
+                      kept=torch.randperm(4000, generator=torch.Generator().manual_seed(m))[:3000].tolist())
+                 for m in range(n_models)]
+        seq = _timed(lambda: [fit_subsets([spec], vectorise=False) for spec in specs])
         # torch.func compiles its vmapped program once per process (~2 s): a two-model, one-epoch run pays it before
         # the clock starts, as a long sweep pays it once
-        train_many([get_model(name, data.shape, 10, seed=m) for m in range(2)], data.x_train, data.y_train,
-                   subsets[:2], [0, 1], **dict(recipe, epochs=1))
-        nets = [get_model(name, data.shape, 10, seed=m) for m in range(n_models)]
-        vec = _timed(lambda: train_many(nets, data.x_train, data.y_train, subsets, list(range(n_models)), **recipe))
+        fit_subsets([dict(spec, train=dict(recipe, epochs=1)) for spec in specs[:2]], vectorise=True)
+        vec = _timed(lambda: fit_subsets(specs, vectorise=True))
         rows.append(dict(measure=f"{n_models} x {name}: vectorised vs one after another", baseline_s=seq,
                          new_s=vec, speedup=seq / vec))
         try:
             import distributed
         except ImportError:
             continue
-        jobs = {job_key(bench=name, **spec): functools.partial(_bench_fit, spec) for spec in specs}
+        share = -(-n_models // workers)  # each worker trains its share of the runs in one vectorised program
         with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
                 distributed.Client(cluster) as client:
-            client.run(_bench_data)  # every worker loads the data once, as a long sweep would
-            fan = _timed(lambda: run_jobs(jobs, None, progress=progress, executor=client))
-        rows.append(dict(measure=f"{n_models} x {name}: Dask, {workers} single-thread workers vs one after another "
-                                 f"({torch.get_num_threads()} threads)", baseline_s=seq, new_s=fan, speedup=seq / fan))
+            warm = [dict(spec, train=dict(recipe, epochs=1)) for spec in specs[:2 * workers]]
+            run_specs(fit_subset, warm, None, executor=client, progress=False, chunk=2)  # data loaded, vmap compiled
+            fan = _timed(lambda: run_specs(fit_subset, specs, None, executor=client, progress=progress, chunk=share))
+        rows.append(dict(measure=f"{n_models} x {name}: Dask, {workers} single-thread workers, each vectorised, vs one "
+                                 f"after another ({torch.get_num_threads()} threads)", baseline_s=seq, new_s=fan,
+                         speedup=seq / fan))
     from torch.func import functional_call, grad, vmap
 
     x, y = data.x_train[:1000], data.y_train[:1000]

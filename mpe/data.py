@@ -29,7 +29,7 @@ import struct
 import tarfile
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,11 @@ class ChecksumError(ValueError):
 
 @dataclass(frozen=True)
 class Data:
-    """A train/test split. ``x_*``: (N, C, H, W) float32, normalised; ``y_*``: (N,) int64."""
+    """A train/test split. ``x_*``: (N, C, H, W) float32, normalised; ``y_*``: (N,) int64.
+
+    ``spec``: the JSON description that rebuilds this split (:func:`from_spec`), so that a retraining job can name its
+    data instead of carrying it. :func:`load`, :meth:`subset`, :meth:`to` and :func:`permute_pixels` keep it up to
+    date; any other change (``dataclasses.replace``, e.g. noisy labels) drops it (None): such data cannot be named."""
 
     name: str
     x_train: torch.Tensor
@@ -58,6 +62,12 @@ class Data:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: tuple[str, ...]
+    spec: dict | None = field(default=None, init=False, compare=False, repr=False)
+
+    def described(self, spec: dict | None) -> "Data":
+        """This data with ``spec`` as its description (None: none)."""
+        object.__setattr__(self, "spec", None if spec is None else dict(spec))
+        return self
 
     @property
     def n_classes(self) -> int:
@@ -69,7 +79,8 @@ class Data:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device) -> "Data":
-        return replace(self, **{k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
+        return replace(self, **{k: getattr(self, k).to(device)
+                                for k in ("x_train", "y_train", "x_test", "y_test")}).described(self.spec)
 
     def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "Data":
         """Class-balanced, seeded subsets of the train and test parts (None keeps a part whole)."""
@@ -80,7 +91,10 @@ class Data:
         if n_test is not None:
             i = class_balanced_subset(self.y_test, n_test, seed + 1)
             out = replace(out, x_test=self.x_test[i], y_test=self.y_test[i])
-        return out
+        if n_train is None and n_test is None:
+            return out
+        plain = self.spec is not None and not {"n_train", "n_test", "flip"} & set(self.spec)
+        return out.described(dict(self.spec, n_train=n_train, n_test=n_test, seed=seed) if plain else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,21 +493,23 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
         mean, std = (float(np.mean(pixels)),), (float(np.std(pixels)),)
     else:
         mean, std = NORMALISATION[name]
-    return Data(name, normalise(x_tr, scale, mean, std, dtype), torch.tensor(np.asarray(y_tr), dtype=torch.long),
+    data = Data(name, normalise(x_tr, scale, mean, std, dtype), torch.tensor(np.asarray(y_tr), dtype=torch.long),
                 normalise(x_te, scale, mean, std, dtype), torch.tensor(np.asarray(y_te), dtype=torch.long),
                 classes if name == "cifar100" else _CLASSES[name])
+    return data.described({"name": name} if dtype == torch.float32 else None)
 
 
-DATA_SPEC_KEYS = ("name", "n_train", "n_test", "seed", "flip", "flip_seed")
+DATA_SPEC_KEYS = ("name", "n_train", "n_test", "seed", "permute", "flip", "flip_seed")
 
 
 def from_spec(spec: dict) -> Data:
     """The data set that a JSON description names, as a retraining job's worker rebuilds it (loaded once per process).
 
     ``spec``: ``{"name": one of DATASETS, "n_train": int or None, "n_test": int or None, "seed": 0}`` gives
-    ``load(name).subset(n_train, n_test, seed)``; optional ``"flip": fraction, "flip_seed": int`` then flips that
-    fraction of the training labels (:func:`flip_labels`). Unknown keys are an error, so a typo never silently names
-    the whole data set."""
+    ``load(name).subset(n_train, n_test, seed)``; optional ``"permute": seed`` then permutes the pixels
+    (:func:`permute_pixels`) and ``"flip": fraction, "flip_seed": int`` flips that fraction of the training labels
+    (:func:`flip_labels`). Unknown keys are an error, so a typo never silently names the whole data set. The result
+    is shared by every job of this process that names it: read it, never change it in place."""
     unknown = set(spec) - set(DATA_SPEC_KEYS)
     if unknown or "name" not in spec:
         raise ValueError(f"a data spec needs 'name' and may have {', '.join(DATA_SPEC_KEYS[1:])}; got {sorted(spec)}")
@@ -504,10 +520,12 @@ def from_spec(spec: dict) -> Data:
 def _from_spec(blob: str) -> Data:
     spec = json.loads(blob)
     data = load(spec["name"]).subset(spec.get("n_train"), spec.get("n_test"), spec.get("seed", 0))
+    if spec.get("permute") is not None:
+        data = permute_pixels(data, spec["permute"])
     if spec.get("flip"):
         data = replace(data, y_train=flip_labels(data.y_train, spec["flip"], data.n_classes,
                                                  spec.get("flip_seed", 0))[0])
-    return data
+    return data.described(spec)
 
 
 def load_cscores(name: str, labels: torch.Tensor | None = None, *, download: bool | None = None) -> torch.Tensor:
@@ -574,8 +592,9 @@ def permute_pixels(data: Data, seed: int = 0) -> Data:
     def shuffle(x):
         return x.flatten(-2)[..., perm].view_as(x)
 
+    plain = data.spec is not None and not {"permute", "flip"} & set(data.spec)
     return Data(f"permuted-{data.name}", shuffle(data.x_train), data.y_train, shuffle(data.x_test), data.y_test,
-                data.classes)
+                data.classes).described(dict(data.spec, permute=seed) if plain else None)
 
 
 AUGMENTATIONS = ("none", "crop_flip", "crop_flip_cutout")

@@ -18,45 +18,13 @@ from __future__ import annotations
 import torch
 
 from .kernels import delta_q
+from .train import LearningDifficulty, VisitRecorder, el2n  # training callbacks, defined with the loop
 
 __all__ = ["ForgettingPredictor", "VisitRecorder", "LearningDifficulty", "forgetting_counts", "regularity", "el2n",
            "precision_recall_f1", "margin", "true_class_prob", "sgd_recipe", "unified_run", "unified_runs",
            "combine_runs", "first_learned", "unforgettable", "misclassification_margin", "ranking", "windows",
-           "cscore_holdout", "cscore_splits", "cscore_from_runs", "detection_curve", "binned_accuracy"]
-
-
-def el2n(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """EL2N score ‖softmax(z) − e_y‖₂ per example (N,) (Paul et al. 2021)."""
-    q = torch.softmax(logits, 1)
-    return (q - torch.nn.functional.one_hot(y, q.shape[1]).to(q.dtype)).norm(dim=1)
-
-
-class VisitRecorder:
-    """Callback: ``metric(logits, y)`` of each example at every visit, from the training forward pass *before* the
-    update on its minibatch. ``history`` (epochs, N) holds one value per epoch (NaN where an example was not visited)."""
-
-    def __init__(self, n: int, metric=None):
-        self.n, self.metric = n, metric or (lambda logits, y: (logits.argmax(1) == y).float())
-        self.current, self.history = torch.full((n,), float("nan")), []
-
-    def on_batch_end(self, state, idx, logits, y) -> None:
-        self.current[idx.cpu()] = self.metric(logits.detach().float(), y).cpu()
-
-    def on_epoch_end(self, state) -> None:
-        self.history.append(self.current)
-        self.current = torch.full((self.n,), float("nan"))
-
-
-class LearningDifficulty(VisitRecorder):
-    """Each example's EL2N at every visit, before the update on its minibatch (as the official lpNTK code does);
-    ``total`` (N,) is the sum over training, the learning difficulty (the area under the example's learning curve)."""
-
-    def __init__(self, n: int):
-        super().__init__(n, el2n)
-
-    @property
-    def total(self) -> torch.Tensor:
-        return torch.stack(self.history).nansum(0) if self.history else torch.zeros(self.n)
+           "cscore_holdout", "cscore_splits", "cscore_from_runs", "detection_curve", "binned_accuracy", "unified_job",
+           "partition_job"]
 
 
 def forgetting_counts(correct: torch.Tensor) -> torch.Tensor:
@@ -232,10 +200,17 @@ def unified_runs(data, model: str, seeds, *, device=None, offline: bool = True, 
                  **train_kw) -> list[dict]:
     """:func:`unified_run` of the named model (initialised with each seed, minibatch order from the same seed) for
     every seed, as cached jobs keyed by the data, the model, the seed and every training setting, so notebooks that
-    share a setting share the runs and an interrupted sweep resumes."""
+    share a setting share the runs and an interrupted sweep resumes. Data that carries its description
+    (``data.spec``: made by :func:`mpe.data.load`, ``subset``, ``permute_pixels``) runs as jobs described by data
+    (:func:`unified_job`, here or on a Dask worker); other data (e.g. relabelled) as closures over its tensors."""
     from .models import get_model
-    from .retrain import job_key, run_jobs, tensor_digest
+    from .retrain import job_key, run_jobs, run_specs, tensor_digest
 
+    dev = torch.device(device).type if device is not None else "cpu"
+    if data.spec is not None:
+        specs = [dict(data=data.spec, model=model, seed=int(s), offline=offline, train=train_kw, device=dev)
+                 for s in seeds]
+        return run_specs(unified_job, specs, cache, progress=progress, desc=f"{model} runs")
     digest = tensor_digest(data.x_train) + tensor_digest(data.y_train) + tensor_digest(data.x_test)
 
     def job(seed):
@@ -245,11 +220,44 @@ def unified_runs(data, model: str, seeds, *, device=None, offline: bool = True, 
             return unified_run(net, data, offline=offline, seed=seed, **train_kw)
         return run
 
-    dev = torch.device(device).type if device is not None else "cpu"
     keys = {seed: job_key(study="unified_run", data=digest, model=model, seed=seed, offline=offline, device=dev,
                           **train_kw) for seed in seeds}
     res = run_jobs({keys[s]: job(s) for s in seeds}, cache, progress=progress, desc=f"{model} runs")
     return [res[keys[s]] for s in seeds]
+
+
+def unified_job(spec: dict) -> dict:
+    """One run of :func:`unified_runs` rebuilt from its description: ``{"data": a data spec (mpe.data.from_spec),
+    "model": a registry name, "seed": the initialisation and minibatch order, "offline": bool, "train": mpe.train.train
+    keywords, "device": "cpu" | "cuda" | ...}``."""
+    from . import get_device
+    from .data import from_spec
+    from .models import get_model
+
+    data = from_spec(spec["data"])
+    net = get_model(spec["model"], data.shape, data.n_classes, seed=spec["seed"]).to(get_device(spec["device"]))
+    return unified_run(net, data, offline=spec["offline"], seed=spec["seed"], **spec["train"])
+
+
+def partition_job(spec: dict) -> torch.Tensor:
+    """Toneva et al.'s Fig. 4 protocol as a job described by data: a fresh model trained on partition ``first``, then
+    on ``second``, each for ``train["epochs"]`` epochs with the per-example ``weight_decay`` (δ = weight_decay ·
+    partition size), recording the accuracy on both partitions at every epoch end. ``spec``: ``{"data": a data spec,
+    "model": a registry name, "seed": initialisation and minibatch order, "first", "second": training-set indices,
+    "train": mpe.train.train keywords, "weight_decay": float, "device": str}``. Returns (2 partitions, 2 · epochs)."""
+    from . import get_device
+    from .data import from_spec
+    from .models import get_model
+    from .train import PerExampleRecorder, train
+
+    data = from_spec(spec["data"])
+    net = get_model(spec["model"], data.shape, data.n_classes, seed=spec["seed"]).to(get_device(spec["device"]))
+    parts = [torch.as_tensor(spec[k]).long() for k in ("first", "second")]
+    rec = [PerExampleRecorder(data.x_train[p], data.y_train[p]) for p in parts]
+    for part in parts:
+        train(net, data.x_train[part], data.y_train[part], seed=spec["seed"], callbacks=rec,
+              **dict(spec["train"], delta=spec["weight_decay"] * len(part)))
+    return torch.stack([r.result()["correct"].mean(1) for r in rec])
 
 
 def combine_runs(measures: list[dict]) -> dict:
@@ -351,8 +359,8 @@ def cscore_holdout(fit_predict, n: int, ratios=(0.25, 0.5, 0.75), runs: int = 4,
     For each run of :func:`cscore_splits`, ``fit_predict(train_idx, heldout_idx, run_seed)`` trains on the subset
     and returns the correctness (len(heldout),) of the held-out examples; :func:`cscore_from_runs` averages them.
     Every run is a cached job (:func:`mpe.retrain.run_jobs`), keyed by ``tag`` (data, model, training settings).
-    For a sweep of small models trained from scratch, :func:`mpe.retrain.subset_fits` over the same splits trains
-    many at once.
+    For a named data set, ``mpe.retrain.run_specs(fit_subset, ...)`` over the same splits (evaluation
+    "train_correct") runs the same sweep as jobs described by data, many models at once (the C-score notebook).
     """
     from .retrain import job_key, run_jobs
 

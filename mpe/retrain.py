@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .train import flat_params, predict, set_flat_params, train, train_many, vectorisable
+from .train import LearningDifficulty, flat_params, nll_and_error, predict, set_flat_params, train, train_many, vectorisable
 
 __all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache", "subset_runs",
            "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed", "run_specs", "spec_key",
@@ -312,14 +312,25 @@ def _probs(model, x):
     return torch.softmax(predict(model, x), 1).cpu()
 
 
-EVALUATIONS = {  # what a retrained model reports, by name: model, Data -> CPU tensor
-    "train_correct": lambda m, d: (predict(m, d.x_train).argmax(1).cpu() == d.y_train).float(),
-    "test_correct": lambda m, d: (predict(m, d.x_test).argmax(1).cpu() == d.y_test).float(),
-    "test_accuracy": lambda m, d: (predict(m, d.x_test).argmax(1).cpu() == d.y_test).float().mean(),
-    "train_probs": lambda m, d: _probs(m, d.x_train),
-    "test_probs": lambda m, d: _probs(m, d.x_test),
-    "test_loss": lambda m, d: torch.nn.functional.cross_entropy(predict(m, d.x_test).cpu().double(), d.y_test,
-                                                                reduction="none"),
+def _difficulty_recorder(n):
+    return [LearningDifficulty(n)]
+
+
+EVALUATIONS = {  # what a retrained model reports, by name: (model, Data, its callbacks) -> CPU tensor (or float)
+    "train_correct": lambda m, d, cb: (predict(m, d.x_train).argmax(1).cpu() == d.y_train).float(),
+    "test_correct": lambda m, d, cb: (predict(m, d.x_test).argmax(1).cpu() == d.y_test).float(),
+    "test_accuracy": lambda m, d, cb: 1 - nll_and_error(m, d.x_test, d.y_test)[1],  # a float
+    "train_probs": lambda m, d, cb: _probs(m, d.x_train),
+    "test_probs": lambda m, d, cb: _probs(m, d.x_test),
+    "test_loss": lambda m, d, cb: torch.nn.functional.cross_entropy(predict(m, d.x_test).cpu().double(), d.y_test,
+                                                                    reduction="none"),
+    # recorded during training (RECORDERS): EL2N summed over every visit (kept,), and per epoch (epochs, kept)
+    "learning_difficulty": lambda m, d, cb: cb[0].total,
+    "el2n_history": lambda m, d, cb: torch.stack(cb[0].history),
+}
+RECORDERS = {  # the callbacks that the evaluations above read, made anew for each run on n kept examples
+    "learning_difficulty": _difficulty_recorder,
+    "el2n_history": _difficulty_recorder,
 }
 FIT_SPEC_KEYS = ("data", "model", "seed", "kept", "removed", "train", "evaluate", "device")
 
@@ -330,8 +341,8 @@ def fit_subset(spec: dict):
 
         {"data": {"name": "fmnist", "n_train": 4000, "n_test": 1000, "seed": 0},  # mpe.data.from_spec
          "model": {"name": "jiang_mlp"},      # mpe.models.get_model's name and keywords
-         "seed": 3,                           # the initialisation and the minibatch order
-         "kept": [0, 5, ...],                 # training examples kept (or "removed": [...] to drop some)
+         "seed": 3,                           # the minibatch order, and the initialisation unless "model" has one
+         "kept": [0, 5, ...],                 # training examples kept, in this order (or "removed": sorted indices)
          "train": {"epochs": 10, "lr": 0.1},  # mpe.train.train keywords (no seed)
          "evaluate": "train_correct",         # a name from EVALUATIONS
          "device": "cpu"}                     # where to train ("cuda" on a GPU worker)
@@ -348,16 +359,20 @@ def _check_fit_spec(spec: dict) -> None:
                          f"(missing {sorted(missing)}, unknown {sorted(unknown)}); got {sorted(spec)}")
     if spec["evaluate"] not in EVALUATIONS:
         raise ValueError(f"unknown evaluation {spec['evaluate']!r}; valid choices: {', '.join(EVALUATIONS)}")
+    if "removed" in spec and any(b <= a for a, b in zip(spec["removed"], spec["removed"][1:])):
+        raise ValueError("'removed' must list sorted, distinct indices (one spec per subset, so that equal runs share "
+                         "a key)")
     if "seed" in spec["train"]:
         raise ValueError("the spec's 'seed' sets the minibatch order; remove 'seed' from 'train'")
 
 
 def _fit_group(spec: dict) -> str:
-    """Specs with equal groups train together: the same everything but the subset and seed, and the same subset size
+    """Specs with equal groups train together: the same everything but the subset and seeds, and the same subset size
     (the steps per epoch depend on it)."""
     _check_fit_spec(spec)
     size = ("kept", len(spec["kept"])) if "kept" in spec else ("removed", len(spec["removed"]))
     rest = {k: v for k, v in spec.items() if k not in ("kept", "removed", "seed")}
+    rest["model"] = {k: v for k, v in spec["model"].items() if k != "seed"}
     return json.dumps([rest, size], sort_keys=True)
 
 
@@ -375,15 +390,16 @@ def fit_subsets(specs: list, vectorise="auto") -> list:
     for members in groups.values():
         first = specs[members[0]]
         data, dev = from_spec(first["data"]), get_device(first.get("device", "cpu"))
-        model_kw = dict(first["model"])
-        name = model_kw.pop("name")
+        model_kw = {k: v for k, v in first["model"].items() if k not in ("name", "seed")}
+        name = first["model"]["name"]
         kw = first["train"]
         n = len(data.y_train)
         todo = [(i, _kept(n, specs[i]["removed"]) if "removed" in specs[i] else torch.as_tensor(specs[i]["kept"]).long(),
                  int(specs[i]["seed"]), None) for i in members]
 
-        def make_model(seed):
-            return get_model(name, data.shape, data.n_classes, seed=seed, **model_kw).to(dev)
+        def make_model(i, seed):  # initialised from the model's own seed where the spec gives one
+            return get_model(name, data.shape, data.n_classes, seed=specs[i]["model"].get("seed", seed),
+                             **model_kw).to(dev)
 
         size = len(todo[0][1])
 
@@ -393,9 +409,10 @@ def fit_subsets(specs: list, vectorise="auto") -> list:
             return pays and vectorisable(model, **kw) is None
 
         results = {}
-        _fit_chunks(todo, make_model, data.x_train, data.y_train, kw,
-                    lambda m, cb: EVALUATIONS[first["evaluate"]](m, data), results, None, chunk=len(todo),
-                    vectorised=fast)
+        evaluate, record = first["evaluate"], RECORDERS.get(first["evaluate"])
+        _fit_chunks(todo, make_model, data.x_train, data.y_train, kw, lambda m, cb: EVALUATIONS[evaluate](m, data, cb),
+                    results, None, chunk=len(todo), vectorised=fast,
+                    callbacks=None if record is None else lambda: record(size))
         for i in members:
             out[i] = results[i]
     return out
@@ -441,13 +458,13 @@ def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict
 def _fit_chunks(todo: list, make_model, x, y, kw: dict, evaluate, results: dict, bar, *, chunk: int, vectorised,
                 callbacks=None) -> None:
     """Train and evaluate the runs ``todo`` [(key, kept indices, seed, cache path or None)], ``chunk`` at a time:
-    ``make_model(seed)`` builds each model; a chunk is trained by :func:`mpe.train.train_many` where
+    ``make_model(key, seed)`` builds each model; a chunk is trained by :func:`mpe.train.train_many` where
     ``vectorised(first model)`` says so, else one ``train`` per run; then ``results[key] = evaluate(model,
     callbacks)``, saved where a path is given, and ``bar`` (tqdm) moves on. ``callbacks()`` returns new callback
     objects for one run."""
     for i in range(0, len(todo), chunk):
         part = todo[i:i + chunk]
-        models = [make_model(seed) for _, _, seed, _ in part]
+        models = [make_model(key, seed) for key, _, seed, _ in part]
         cbs = [list(callbacks()) if callbacks is not None else [] for _ in part]
         if vectorised(models[0]):
             train_many(models, x, y, [idx for _, idx, _, _ in part], [seed for _, _, seed, _ in part], callbacks=cbs,
@@ -485,7 +502,7 @@ def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, 
                 for key, group in zip(jobs, removed) if key in paths]
         theta = flat_params(model).clone()
 
-        def warm_copy(seed):
+        def warm_copy(key, seed):
             m = copy.deepcopy(model)
             set_flat_params(m, theta)
             return m
@@ -570,7 +587,7 @@ def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, 
                     else bool(vectorise)
                 return pays and vectorisable(model, **kw) is None
 
-            _fit_chunks(todo, make_model, x, y, kw, evaluate if callbacks is not None else lambda m, cb: evaluate(m),
+            _fit_chunks(todo, lambda key, seed: make_model(seed), x, y, kw, evaluate if callbacks is not None else lambda m, cb: evaluate(m),
                         results, bar, chunk=chunk, vectorised=fast,
                         callbacks=None if callbacks is None else lambda size=size: callbacks(size))
     return [results[k] for k in keys]

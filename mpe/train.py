@@ -30,7 +30,7 @@ from torch import nn
 from .data import AUGMENTATIONS, augmented
 
 __all__ = ["train", "train_many", "vectorisable", "stop_after", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES",
-           "PerExampleRecorder", "flat_params", "set_flat_params", "l2_objective", "WORK", "work"]
+           "PerExampleRecorder", "VisitRecorder", "LearningDifficulty", "el2n", "flat_params", "set_flat_params", "l2_objective", "WORK", "work"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
@@ -127,6 +127,40 @@ class PerExampleRecorder:
 
     def result(self) -> dict[str, torch.Tensor]:
         return {k: torch.stack(v) for k, v in self.history.items()}
+
+
+def el2n(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """EL2N score ‖softmax(z) − e_y‖₂ per example (N,) (Paul et al. 2021)."""
+    q = torch.softmax(logits, 1)
+    return (q - torch.nn.functional.one_hot(y, q.shape[1]).to(q.dtype)).norm(dim=1)
+
+
+class VisitRecorder:
+    """Callback: ``metric(logits, y)`` of each example at every visit, from the training forward pass *before* the
+    update on its minibatch. ``history`` (epochs, N) holds one value per epoch (NaN where an example was not visited)."""
+
+    def __init__(self, n: int, metric=None):
+        self.n, self.metric = n, metric or (lambda logits, y: (logits.argmax(1) == y).float())
+        self.current, self.history = torch.full((n,), float("nan")), []
+
+    def on_batch_end(self, state, idx, logits, y) -> None:
+        self.current[idx.cpu()] = self.metric(logits.detach().float(), y).cpu()
+
+    def on_epoch_end(self, state) -> None:
+        self.history.append(self.current)
+        self.current = torch.full((self.n,), float("nan"))
+
+
+class LearningDifficulty(VisitRecorder):
+    """Each example's EL2N at every visit, before the update on its minibatch (as the official lpNTK code does);
+    ``total`` (N,) is the sum over training, the learning difficulty (the area under the example's learning curve)."""
+
+    def __init__(self, n: int):
+        super().__init__(n, el2n)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return torch.stack(self.history).nansum(0) if self.history else torch.zeros(self.n)
 
 
 def _make_optimizer(name, params, *, lr, momentum, nesterov, delta, n, hess_init, beta2, mc_samples):

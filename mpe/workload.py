@@ -48,8 +48,8 @@ class Runs:
     """``count`` training runs of ``model`` (its name in :data:`mpe.models.MODELS`, or the class name of a model
     built otherwise) on ``n`` examples for ``epochs`` epochs at ``batch_size`` (None: full batch). ``bound``: an
     upper bound (full-batch L-BFGS iterations, which stop once converged; or runs that may coincide, as identical
-    runs of a sweep are trained once). ``stacked``: a sweep of :mod:`mpe.retrain` (``subset_fits``,
-    ``retrained_outputs``), which on a GPU trains up to :data:`STACK` models of a vectorisable architecture per
+    runs of a sweep are trained once). ``stacked``: a sweep of :mod:`mpe.retrain` (``run_specs(fit_subset)``,
+    ``subset_fits``, ``retrained_outputs``), which on a GPU trains up to :data:`STACK` models of a vectorisable architecture per
     vmapped step (:func:`mpe.train.train_many`)."""
     model: str
     count: int

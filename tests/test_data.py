@@ -388,3 +388,25 @@ def test_provision_without_any_source_names_the_fixes(tmp_path, monkeypatch):
         D.provision("fmnist", download=False)
     with pytest.raises(ValueError, match="valid choices"):
         D.provision("imagenet")
+
+
+def test_data_carries_the_description_that_rebuilds_it():
+    from dataclasses import replace
+
+    from mpe.data import flip_labels, from_spec, load, permute_pixels
+
+    d = load("digits")
+    variants = [d, d.subset(200, 100, seed=3), permute_pixels(d.subset(200, 100, seed=3), seed=5), d.to("cpu")]
+    for v in variants:
+        w = from_spec(v.spec)
+        assert w.name == v.name and w.classes == v.classes
+        for k in ("x_train", "y_train", "x_test", "y_test"):
+            assert torch.equal(getattr(w, k), getattr(v, k)), (v.spec, k)
+    noisy = from_spec(dict(variants[1].spec, flip=0.2, flip_seed=1))
+    assert torch.equal(noisy.y_train, flip_labels(variants[1].y_train, 0.2, 10, seed=1)[0])
+    # anything else cannot be named: the description is dropped, never left stale
+    assert replace(variants[1], y_train=noisy.y_train).spec is None
+    assert variants[1].subset(50).spec is None  # a subset of a subset
+    assert load("digits", dtype=torch.float64).spec is None
+    with pytest.raises(ValueError, match="a data spec needs"):
+        from_spec(dict(name="digits", n_trian=10))

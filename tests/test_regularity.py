@@ -316,3 +316,22 @@ def test_cscore_splits_hold_out_every_example_once_per_round():
     res = cscore_from_runs([(0, None, torch.tensor([0, 1]), 0), (1, None, torch.tensor([1, 2]), 0)],
                            [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])], 3)
     assert res["score"][1] == 0.5 and res["score"][0].isnan() and res["score"][2].isnan()
+
+
+def test_unified_runs_of_described_data_are_jobs_described_by_data(tmp_path):
+    """Data that carries its description runs as spec jobs (a worker rebuilds it), with the results of the closures
+    over its tensors; a second call trains nothing."""
+    from dataclasses import replace
+
+    from mpe.data import load
+    from mpe.regularity import unified_runs
+
+    data = load("digits").subset(150, 60, seed=0)
+    kw = dict(epochs=2, lr=0.1, batch_size=32, momentum=0.5)
+    described = unified_runs(data, "mlp", [1, 2], cache=tmp_path / "spec", progress=False, **kw)
+    closures = unified_runs(replace(data), "mlp", [1, 2], cache=tmp_path / "closure", progress=False, **kw)
+    for a, b in zip(described, closures):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "spec").iterdir())) == 2
+    again = unified_runs(data, "mlp", [1, 2], cache=tmp_path / "spec", progress=False, **dict(kw))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(described, again) for k in a)
