@@ -147,12 +147,18 @@ def load_cached(keys, cache: Path | None) -> tuple[dict, dict]:
     return results, missing
 
 
+def _short(spec, limit: int = 400) -> str:
+    """A job's description for an error message, cut to ``limit`` characters (a spec may list thousands of indices)."""
+    text = repr(spec)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class JobsFailed(RuntimeError):
     """Some jobs of a sweep raised; the others' results are cached. ``failed`` maps key -> (spec, exception)."""
 
     def __init__(self, failed: dict, done: int):
         self.failed = failed
-        lines = [f"  {k}: {type(e).__name__}: {e} (spec {spec})" for k, (spec, e) in list(failed.items())[:10]]
+        lines = [f"  {k}: {type(e).__name__}: {e} (spec {_short(spec)})" for k, (spec, e) in list(failed.items())[:10]]
         more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
         super().__init__(f"{len(failed)} job(s) failed, {done} finished and cached:\n" + "\n".join(lines) + more)
 

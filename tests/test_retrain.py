@@ -248,6 +248,10 @@ def test_a_job_is_a_top_level_function_and_a_json_spec(tmp_path):
     with pytest.raises(JobsFailed, match="unknown dataset 'nope'(.|\n)*'name': 'nope'"):
         run_specs(fit_subset, [spec, dict(spec, data=dict(DIGITS, name="nope"))], tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == [f"{spec_key(fit_subset, spec)}.pt"]
+    big = dict(spec, data=dict(DIGITS, name="nope"), kept=list(range(100)))  # the message stays short
+    with pytest.raises(JobsFailed, match=r"'name': 'nope'(.|\n)*characters\)") as err:
+        run_specs(fit_subset, [big], tmp_path, progress=False)
+    assert len(str(err.value)) < 800
 
 
 def test_a_failed_job_is_named_and_the_others_are_kept(tmp_path):
