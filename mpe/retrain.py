@@ -275,12 +275,11 @@ def job_function(fn) -> str:
 def spec_key(fn, spec: dict) -> str:
     """Stable 16-hex-digit key of the job ``fn(spec)``: the function's name, the spec (JSON; a ``"device"`` entry,
     default "cpu", enters as its device type), the torch version and :func:`code_fingerprint` of ``fn``."""
+    name = job_function(fn)
     try:
-        blob = json.dumps(dict(fn=job_function(fn), spec=spec, torch=torch.__version__, code=code_fingerprint(fn),
+        blob = json.dumps(dict(fn=name, spec=spec, torch=torch.__version__, code=code_fingerprint(fn),
                                device=torch.device(spec.get("device", "cpu")).type), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
-        if isinstance(e, ValueError) and str(e).startswith("a job must"):
-            raise
         raise ValueError(f"a job spec must be JSON (dicts, lists, strings, finite numbers, None): {e}") from e
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -593,7 +592,8 @@ def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, 
                     else bool(vectorise)
                 return pays and vectorisable(model, **kw) is None
 
-            _fit_chunks(todo, lambda key, seed: make_model(seed), x, y, kw, evaluate if callbacks is not None else lambda m, cb: evaluate(m),
+            _fit_chunks(todo, lambda key, seed: make_model(seed), x, y, kw,
+                        evaluate if callbacks is not None else lambda m, cb: evaluate(m),
                         results, bar, chunk=chunk, vectorised=fast,
                         callbacks=None if callbacks is None else lambda size=size: callbacks(size))
     return [results[k] for k in keys]

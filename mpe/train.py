@@ -30,7 +30,8 @@ from torch import nn
 from .data import AUGMENTATIONS, augmented
 
 __all__ = ["train", "train_many", "vectorisable", "stop_after", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES",
-           "PerExampleRecorder", "VisitRecorder", "LearningDifficulty", "el2n", "flat_params", "set_flat_params", "l2_objective", "WORK", "work"]
+           "PerExampleRecorder", "VisitRecorder", "LearningDifficulty", "el2n", "flat_params", "set_flat_params",
+           "l2_objective", "WORK", "work"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
