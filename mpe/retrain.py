@@ -407,12 +407,7 @@ def fit_subsets(specs: list, vectorise="auto") -> list:
                              **model_kw).to(dev)
 
         size = len(todo[0][1])
-
-        def fast(model):
-            pays = vectorise_pays(model, data.x_train[:1], kw.get("batch_size", 256), size) if vectorise == "auto" \
-                else bool(vectorise)
-            return pays and vectorisable(model, **kw) is None
-
+        fast = _vectorise_rule(data.x_train[:1], kw, size, vectorise)
         results = {}
         evaluate, record = first["evaluate"], RECORDERS.get(first["evaluate"])
         _fit_chunks(todo, make_model, data.x_train, data.y_train, kw, lambda m, cb: EVALUATIONS[evaluate](m, data, cb),
@@ -561,6 +556,16 @@ def vectorise_pays(model, x1: torch.Tensor, batch_size: int | None, n: int) -> b
     return counter.get_total_flops() * min(batch_size or n, n) <= CPU_VECTORISE_FLOPS
 
 
+def _vectorise_rule(x1: torch.Tensor, kw: dict, size: int, vectorise):
+    """``model -> bool``: whether a chunk of runs of recipe ``kw`` on ``size`` examples trains as one vectorised
+    program: where :func:`mpe.train.train_many` accepts the model and recipe, and ``vectorise`` is True or is "auto"
+    and :func:`vectorise_pays`."""
+    def fast(model):
+        pays = vectorise_pays(model, x1, kw.get("batch_size", 256), size) if vectorise == "auto" else bool(vectorise)
+        return pays and vectorisable(model, **kw) is None
+    return fast
+
+
 def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, cache=None, callbacks=None,
                 vectorise="auto", chunk: int = CHUNK, desc: str = "retrain", progress: bool = True) -> list:
     """``subset_runs`` for the common case, vectorised: train ``make_model(seed)`` from scratch on each
@@ -586,12 +591,7 @@ def subset_fits(make_model, x, y, subsets: list, train_kw, evaluate, tag: dict, 
     with tqdm(total=len(paths), desc=f"{desc} ({len(results)} cached)", disable=not (progress and paths)) as bar:
         for size, todo in groups.items():
             kw = recipe(size)
-
-            def fast(model, kw=kw, size=size):
-                pays = vectorise_pays(model, x[:1], kw.get("batch_size", 256), size) if vectorise == "auto" \
-                    else bool(vectorise)
-                return pays and vectorisable(model, **kw) is None
-
+            fast = _vectorise_rule(x[:1], kw, size, vectorise)
             _fit_chunks(todo, lambda key, seed: make_model(seed), x, y, kw,
                         evaluate if callbacks is not None else lambda m, cb: evaluate(m),
                         results, bar, chunk=chunk, vectorised=fast,
