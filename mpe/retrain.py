@@ -329,6 +329,7 @@ EVALUATIONS = {  # what a retrained model reports, by name: (model, Data, its ca
     "test_probs": lambda m, d, cb: _probs(m, d.x_test),
     "test_loss": lambda m, d, cb: torch.nn.functional.cross_entropy(predict(m, d.x_test).cpu().double(), d.y_test,
                                                                     reduction="none"),
+    "parameters": lambda m, d, cb: flat_params(m).cpu(),  # θ (P,), in model.parameters() order: the trained model
     # recorded during training (RECORDERS): EL2N summed over every visit (kept,), and per epoch (epochs, kept)
     "learning_difficulty": lambda m, d, cb: cb[0].total,
     "el2n_history": lambda m, d, cb: torch.stack(cb[0].history),

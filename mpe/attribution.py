@@ -1,0 +1,273 @@
+r"""Which per-example score predicts what: the four papers' quantities and dattri's attribution methods, scored on one
+trained model and judged on one retraining ground truth.
+
+**Scores.** A *train × test score* ``S`` (N, M): ``S[i, j]`` predicts how much test example j's loss rises when
+training example i is removed (positive: i helps j). A *self score* ``s`` (N,): larger means more suspect (a
+flipped label). :func:`scores` is the one entry point, by method name (:data:`METHODS`):
+
+- ``mpe-full``, ``mpe-kfac``, ``mpe-diag`` (MPE, Nickl et al.): removing i moves the MAP by
+  θ_{\i} − θ_* ≈ S⁻¹ ∇ℓ_i (the memory-perturbation equation at ε_i = −1, S the Laplace GGN precision Σ_i G_i + δI
+  of :mod:`mpe.curvature`), so ΔL_j ≈ ∇ℓ_jᵀ S⁻¹ ∇ℓ_i;
+- ``lpntk`` (Guo et al.): the labelled-pair kernel κ(x_i, y_i; x_j, y_j) of :func:`mpe.kernels.features`, the
+  first-order effect of a gradient step on i on the loss of j, without curvature;
+- ``if-explicit``, ``if-cg``, ``if-lissa``, ``if-arnoldi``, ``tracin``, ``grad-dot``, ``grad-cos``, ``trak``: the
+  implementations of `dattri <https://github.com/TRAIS-Lab/dattri>`_ (an optional dependency, ``pip install
+  dattri``), nothing rewritten here.
+
+**Ground truth** (:func:`loo_truth`, :func:`lds_truth`; dattri's protocol). Every model is trained with one fixed
+minibatch order (the seeded permutation :func:`order`, no reshuffling between epochs); a retrain without some
+examples keeps the order of the others, so that a change of test loss is the examples' effect and not a new
+minibatch order. Retrains are jobs of :func:`mpe.retrain.fit_subset`: cached, resumable, vectorised, Dask-ready.
+
+- LOO: ΔL[i, j] = L_j(θ_{\i}) − L_j(θ_*) for a sample of removed examples i;
+- LDS: L_j(θ_T) for random subsets T holding a fraction of the training set.
+
+**Metrics** (:func:`evaluate`, with dattri's :mod:`dattri.metric` where it is installed): LOO correlation = Pearson
+between S[i, j] and ΔL[i, j] over removed i, per test example; LDS = Spearman between −Σ_{i∈T} S[i, j] and L_j(θ_T)
+over subsets T, per test example; both averaged over test examples, with a bootstrap interval over them.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import curvature as C
+from .retrain import fit_subset, run_specs
+
+__all__ = ["METHODS", "DATTRI", "order", "base_spec", "reference_models", "loo_truth", "lds_subsets", "lds_truth",
+           "scores", "posterior_solve", "mpe_scores", "lpntk_scores", "dattri_scores", "evaluate"]
+
+OURS = ("mpe-full", "mpe-kfac", "mpe-diag", "lpntk")
+DATTRI = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "tracin", "grad-dot", "grad-cos", "trak")
+METHODS = OURS + DATTRI
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ground truth: retraining jobs in one fixed minibatch order
+# ---------------------------------------------------------------------------------------------------------------
+def order(n: int, seed: int = 0) -> list[int]:
+    """The fixed minibatch order of every run of one ground truth: a seeded permutation of 0..n-1."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def base_spec(data: dict, model: dict, train: dict, seed: int = 0, device: str = "cpu") -> dict:
+    """A :func:`mpe.retrain.fit_subset` spec without its subset: ``train`` must not reshuffle (``shuffle: False``),
+    since the ground truth's retrains differ from the reference run only by the examples they leave out."""
+    if train.get("shuffle", True):
+        raise ValueError("the ground truth trains in one fixed order: pass train=dict(..., shuffle=False)")
+    return {"data": data, "model": model, "seed": seed, "train": train, "evaluate": "test_loss", "device": device}
+
+
+def _without(base: dict, perm: list[int], drop, evaluate: str = "test_loss") -> dict:
+    drop = set(drop)
+    return dict(base, kept=[i for i in perm if i not in drop], evaluate=evaluate)
+
+
+def reference_models(base: dict, perms: list[list[int]], cache=None, executor=None):
+    """The models trained on all the data in each order of ``perms`` (the reference θ_*, and the checkpoints of
+    ensembles such as TRAK-k), by the same jobs as the ground truth, cached: a list of modules in eval mode."""
+    from .data import from_spec
+    from .models import get_model
+    from .train import set_flat_params
+
+    data = from_spec(base["data"])
+    thetas = run_specs(fit_subset, [_without(dict(base, seed=base["seed"] + k), p, (), "parameters")
+                                    for k, p in enumerate(perms)], cache, executor, desc="reference models")
+    out = []
+    for k, theta in enumerate(thetas):
+        kw = {k2: v for k2, v in base["model"].items() if k2 not in ("name", "seed")}
+        net = get_model(base["model"]["name"], data.shape, data.n_classes, seed=0, **kw)
+        set_flat_params(net, theta)
+        out.append(net.to(base.get("device", "cpu")).eval())
+    return out
+
+
+def loo_truth(base: dict, perm: list[int], removed, cache=None, executor=None, progress: bool = True):
+    """(ΔL (k, M), removed (k,)): the change of every test loss when each example of ``removed`` is left out."""
+    removed = [int(i) for i in removed]
+    specs = [_without(base, perm, ())] + [_without(base, perm, [i]) for i in removed]
+    losses = run_specs(fit_subset, specs, cache, executor, progress=progress, desc="leave-one-out retrains")
+    return torch.stack(losses[1:]) - losses[0], torch.tensor(removed)
+
+
+def lds_subsets(n: int, n_subsets: int = 100, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """(n_subsets, round(fraction n)) sorted random subsets of 0..n-1 (dattri: 100 subsets of half the data)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    k = round(fraction * n)
+    return torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(n_subsets)])
+
+
+def lds_truth(base: dict, perm: list[int], subsets: torch.Tensor, cache=None, executor=None, progress: bool = True):
+    """(L (S, M), subsets (S, k)): the test losses of the models trained on each subset, in the order ``perm``."""
+    n = len(perm)
+    specs = [_without(base, perm, sorted(set(range(n)) - set(s.tolist()))) for s in subsets]
+    return torch.stack(run_specs(fit_subset, specs, cache, executor, progress=progress, desc="LDS retrains")), subsets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------------------------
+def posterior_solve(model, posterior: C.Posterior, v: torch.Tensor) -> torch.Tensor:
+    """S⁻¹ vᵀ for rows v (R, P) in parameter order, for a full, diagonal or K-FAC posterior precision S; (R, P)."""
+    if posterior.kind == "diag":
+        return v / posterior.data
+    if posterior.kind == "full":
+        return torch.cholesky_solve(v.T.to(posterior.data.dtype), torch.linalg.cholesky(posterior.data)).T.to(v.dtype)
+    if posterior.kind != "kfac":
+        raise ValueError(f"unknown posterior kind {posterior.kind!r}; valid: full, diag, kfac")
+    out = torch.empty_like(v)
+    for (m, w_off, b_off), (Ua, la, Ug, lg, count) in zip(C._layers(model), posterior.data):
+        o, nw = m.weight.shape[0], m.weight[0].numel()
+        block = v[:, w_off:w_off + o * nw].reshape(len(v), o, nw)
+        if b_off is not None:
+            block = torch.cat([block, v[:, b_off:b_off + o, None]], 2)  # (R, out, D): the bias as the last input
+        prec = lg[:, None] * la[None, :] / count + posterior.delta  # the precision in the Kronecker eigenbasis
+        block = Ug @ ((Ug.T @ block @ Ua) / prec) @ Ua.T
+        out[:, w_off:w_off + o * nw] = block[:, :, :nw].reshape(len(v), -1)
+        if b_off is not None:
+            out[:, b_off:b_off + o] = block[:, :, nw]
+    return out
+
+
+def mpe_scores(model, x, y, x_test, y_test, *, posterior: str = "full", delta: float, chunk: int = 1024):
+    """S[i, j] = ∇ℓ_jᵀ S⁻¹ ∇ℓ_i (N, M): the MPE's parameter shift of removing example i, read through test example
+    j's loss; S the Laplace GGN posterior precision of ``posterior`` ("full", "kfac", "diag") with prior δ."""
+    post = C.laplace_posterior(posterior, model, x, delta)
+    g_test = posterior_solve(model, post, C.per_example_grads(model, x_test, y_test))  # (M, P)
+    return torch.cat([C.per_example_grads(model, x[s:s + chunk], y[s:s + chunk]) @ g_test.T
+                      for s in range(0, len(x), chunk)])
+
+
+def lpntk_scores(model, x, y, x_test, y_test):
+    """S[i, j] = κ_lpNTK((x_i, y_i), (x_j, y_j)) (N, M), the labelled-pair NTK of :func:`mpe.kernels.features`."""
+    from .kernels import features, gram
+
+    return gram(features(model, x, y), features(model, x_test, y_test))
+
+
+def _dattri_task(model, checkpoints):
+    from dattri.task import AttributionTask
+    from torch.func import functional_call
+
+    def loss(params, batch):  # one example (dattri vmaps it) or a batch; dattri's LiSSA needs the .long()
+        xb, yb = batch
+        single = yb.dim() == 0
+        logits = functional_call(model, params, (xb.unsqueeze(0) if single else xb,))
+        return F.cross_entropy(logits, (yb.unsqueeze(0) if single else yb).long())
+
+    return AttributionTask(loss_func=loss, model=model, checkpoints=checkpoints), loss
+
+
+def dattri_scores(method: str, models, x, y, x_test, y_test, *, regularization: float = 0.0, batch_size: int = 500,
+                  proj_dim: int = 512, **kw):
+    """S (N, M) of a dattri method on ``models`` (one module, or several checkpoints for TracIn / TRAK-k).
+
+    dattri's inner-product attributors return ∇ℓ_iᵀ H⁻¹ ∇ℓ_j (positive: i helps j), which is already this module's
+    convention; ``regularization`` is the λ of H + λI (dattri's own name). TRAK scores are ensembled over the
+    checkpoints; TracIn sums over them with unit weights (``grad-dot`` and ``grad-cos`` take the last one)."""
+    try:
+        from dattri import algorithm as A
+    except ImportError as err:
+        raise ImportError("dattri is needed for the methods " + ", ".join(DATTRI) + ": pip install 'mpe[peers]' "
+                          "(or pip install dattri)") from err
+    from torch.utils.data import DataLoader, TensorDataset
+
+    models = models if isinstance(models, (list, tuple)) else [models]
+    model = models[0]
+    ckpts = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
+    if method in ("grad-dot", "grad-cos"):
+        ckpts = ckpts[-1:]
+    task, loss = _dattri_task(model, ckpts if len(ckpts) > 1 else ckpts[0])
+    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+    test = DataLoader(TensorDataset(x_test, y_test), batch_size=batch_size, shuffle=False)
+    dev = str(next(model.parameters()).device)
+    if method == "if-explicit":
+        att = A.IFAttributorExplicit(task, device=dev, regularization=regularization)
+    elif method == "if-cg":
+        att = A.IFAttributorCG(task, device=dev, regularization=regularization, **kw)
+    elif method == "if-lissa":
+        att = A.IFAttributorLiSSA(task, device=dev, **kw)
+    elif method == "if-arnoldi":
+        att = A.IFAttributorArnoldi(task, device=dev, regularization=regularization, **kw)
+    elif method in ("tracin", "grad-dot", "grad-cos"):
+        att = A.TracInAttributor(task, weight_list=torch.ones(len(task.get_checkpoints())),
+                                 normalized_grad=method == "grad-cos", device=dev)
+    elif method == "trak":
+        def p_correct(params, batch):
+            xb, yb = batch
+            return torch.exp(-loss(params, (xb, yb)))
+
+        att = A.TRAKAttributor(task, correct_probability_func=p_correct, device=dev, regularization=regularization,
+                               projector_kwargs={"proj_dim": proj_dim, "device": dev, **kw.pop("projector_kwargs", {})})
+    else:
+        raise ValueError(f"unknown dattri method {method!r}; valid choices: {', '.join(DATTRI)}")
+    if method == "trak":
+        att.cache(train)
+        return att.attribute(test).detach().cpu()
+    if method not in ("tracin", "grad-dot", "grad-cos"):
+        att.cache(train)
+    return att.attribute(train, test).detach().cpu()
+
+
+def scores(method: str, model, x, y, x_test, y_test, **kw) -> tuple[torch.Tensor, float]:
+    """(S (N, M), seconds): the train × test score of ``method`` (one of :data:`METHODS`) for ``model`` (a module; for
+    TracIn and TRAK-k also a list of checkpoints, the first being the reference model)."""
+    t = time.perf_counter()
+    if method.startswith("mpe-"):
+        s = mpe_scores(_first(model), x, y, x_test, y_test, posterior=method[4:], **kw)
+    elif method == "lpntk":
+        s = lpntk_scores(_first(model), x, y, x_test, y_test)
+    elif method in DATTRI:
+        s = dattri_scores(method, model, x, y, x_test, y_test, **kw)
+    else:
+        raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+    return s.detach().cpu().double(), time.perf_counter() - t
+
+
+def _first(model):
+    return model[0] if isinstance(model, (list, tuple)) else model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------------
+def _rank(a: np.ndarray) -> np.ndarray:
+    """Ranks along axis 0 (ties broken by order; scores and losses are continuous)."""
+    return np.argsort(np.argsort(a, axis=0), axis=0).astype(float)
+
+
+def _columnwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+
+
+def per_test_correlations(score: torch.Tensor, truth: tuple, kind: str) -> np.ndarray:
+    """(M,) the per-test-example correlation of a score with a ground truth: ``kind`` "loo" (Pearson of S[removed]
+    with ΔL) or "lds" (Spearman of −Σ_{i∈T} S[i] with L_T). Equal to dattri's ``loo_corr`` / ``lds``."""
+    values, idx = (t.detach().cpu().double().numpy() for t in truth)
+    s = score.detach().cpu().double().numpy()
+    if kind == "loo":
+        return _columnwise_pearson(s[idx.astype(int)], values)
+    if kind == "lds":
+        predicted = -np.stack([s[row.astype(int)].sum(0) for row in idx])  # (S, M): more help, lower loss
+        return _columnwise_pearson(_rank(predicted), _rank(values))
+    raise ValueError(f"unknown kind {kind!r}; valid: loo, lds")
+
+
+def evaluate(score: torch.Tensor, truth: tuple, kind: str, n_boot: int = 1000, seed: int = 0):
+    """The mean over test examples of :func:`per_test_correlations`, with a bootstrap interval over test examples
+    (:class:`mpe.stats.Estimate`). Test examples whose ground truth does not vary are left out (NaN correlation)."""
+    from .stats import Estimate, bootstrap
+
+
+    r = per_test_correlations(score, truth, kind)
+    r = r[np.isfinite(r)]
+    if len(r) == 0:  # a score that is NaN or constant everywhere (a diverged solver): no evidence at all
+        return Estimate(float("nan"), float("nan"), float("nan"), "no finite correlation")
+    return bootstrap(np.mean, r, n_boot=n_boot, seed=seed, what="test examples")
