@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PY      := .venv/bin/python
 NOTEBOOKS := $(sort $(wildcard notebooks/*/*.ipynb))
 EXECUTED  := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
-PAPERS    := mpe lpntk regularity laftr
+PAPERS    := mpe lpntk regularity laftr compare
 QUICK_DATA := fmnist  # real data the quick profile reads besides the embedded sets
 PARAMS    ?=          # notebook parameters for figures: PARAMS='-p n_train 500' (checked against the notebook)
 # Where torch==2.13.0 comes from. Empty: the default index, i.e. the CPU build this project pins. For a GPU, the CUDA
@@ -40,7 +40,7 @@ help:  ## list the targets
 	# torch first, pinned (the CPU build unless TORCH_INDEX names a CUDA index), so that nothing later pulls other wheels
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev,distributed]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev,distributed,peers]'
 	touch $@
 
 env: .venv/.installed

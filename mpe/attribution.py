@@ -210,7 +210,9 @@ def dattri_scores(method: str, models, x, y, x_test, y_test, *, regularization: 
         att.cache(train)
         return att.attribute(test).detach().cpu()
     if method not in ("tracin", "grad-dot", "grad-cos"):
-        att.cache(train)
+        # the curvature from all of the training set at once: dattri sums its inverse-Hessian products over the
+        # batches of this loader, Σ_b H_b⁻¹ g, which is not (Σ_b H_b)⁻¹ g unless there is one batch
+        att.cache(DataLoader(TensorDataset(x, y), batch_size=len(x), shuffle=False))
     return att.attribute(train, test).detach().cpu()
 
 

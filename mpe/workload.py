@@ -521,3 +521,12 @@ def estimate(runs: list[Runs], table: dict | None = None) -> dict:
     return dict(runs=sum(r.count for r in runs), steps=sum(r.steps for r in runs),
                 examples=sum(r.count * r.epochs * r.n for r in runs), gpu_hours=hours, peak_gb=peak / 1e9,
                 lower_bound=sorted(unknown))
+
+
+# Comparison ------------------------------------------------------------------------------------------------------
+@formula("compare-attribution")
+def _compare_attribution(p):  # the reference model; in every order the full-data run and each leave-one-out retrain;
+    n, e, b, m = p["n_train"], p["epochs"], p["batch_size"], p["model"]  # the LDS subsets in the first order
+    k = len(p["orders"])
+    return [Runs(m, 1 + k, n, e, b, stacked=True), Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
+            Runs(m, p["n_subsets"], int(round(p["subset_fraction"] * n)), e, b, stacked=True)]
