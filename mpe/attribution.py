@@ -37,12 +37,14 @@ import torch.nn.functional as F
 from . import curvature as C
 from .retrain import fit_subset, run_specs
 
-__all__ = ["METHODS", "DATTRI", "order", "base_spec", "reference_models", "loo_truth", "lds_subsets", "lds_truth",
-           "scores", "posterior_solve", "mpe_scores", "lpntk_scores", "dattri_scores", "evaluate"]
+__all__ = ["METHODS", "DATTRI", "SELF", "self_scores", "order", "base_spec", "reference_models", "loo_truth",
+           "lds_subsets", "lds_truth", "scores", "posterior_solve", "mpe_scores", "lpntk_scores", "dattri_scores",
+           "evaluate"]
 
 OURS = ("mpe-full", "mpe-kfac", "mpe-diag", "lpntk")
 DATTRI = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "tracin", "grad-dot", "grad-cos", "trak")
 METHODS = OURS + DATTRI
+SELF = ("loss", "mpe-sensitivity", "mpe-self", "grad-dot", "trak")  # self scores for flipped labels (larger: suspect)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +171,8 @@ def dattri_scores(method: str, models, x, y, x_test, y_test, *, regularization: 
 
     dattri's inner-product attributors return ∇ℓ_iᵀ H⁻¹ ∇ℓ_j (positive: i helps j), which is already this module's
     convention; ``regularization`` is the λ of H + λI (dattri's own name). TRAK scores are ensembled over the
-    checkpoints; TracIn sums over them with unit weights (``grad-dot`` and ``grad-cos`` take the last one)."""
+    checkpoints; TracIn sums over them with unit weights (``grad-dot`` and ``grad-cos`` take the last one). TracIn,
+    Grad-Dot, Grad-Cos and TRAK use dattri's default random projection of the gradients to 512 dimensions (seed 0)."""
     try:
         from dattri import algorithm as A
     except ImportError as err:
@@ -228,6 +231,47 @@ def scores(method: str, model, x, y, x_test, y_test, **kw) -> tuple[torch.Tensor
         s = dattri_scores(method, model, x, y, x_test, y_test, **kw)
     else:
         raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+    return s.detach().cpu().double(), time.perf_counter() - t
+
+
+def self_scores(method: str, model, x, y, *, delta: float | None = None, batch_size: int = 500,
+                proj_dim: int = 512) -> tuple[torch.Tensor, float]:
+    """(s (N,), seconds): a self score of every training example, larger for a more suspect label (:data:`SELF`).
+
+    ``loss``: the training loss; ``mpe-sensitivity``: the MPE's sensitivity Σ_k |Δp_ik| (Eq. 13, K-FAC posterior of
+    prior ``delta``); ``mpe-self``: its self-influence ∇ℓ_iᵀ S⁻¹ ∇ℓ_i; ``grad-dot``, ``trak``: dattri's
+    ``self_attribute`` (TracIn at the final checkpoint, and TRAK with one checkpoint)."""
+    from .sensitivity import residuals, sensitivity
+
+    t = time.perf_counter()
+    with torch.no_grad():
+        logits = model(x)
+    if method == "loss":
+        s = F.cross_entropy(logits, y, reduction="none")
+    elif method in ("mpe-sensitivity", "mpe-self"):
+        post = C.laplace_posterior("kfac", model, x, delta)
+        if method == "mpe-sensitivity":
+            s = sensitivity(torch.softmax(logits, 1), C.predictive_covariance(model, x, post), residuals(logits, y))
+        else:
+            s = torch.cat([(g * posterior_solve(model, post, g)).sum(1) for g in
+                           (C.per_example_grads(model, x[i:i + batch_size], y[i:i + batch_size])
+                            for i in range(0, len(x), batch_size))])
+    elif method in ("grad-dot", "trak"):
+        from dattri import algorithm as A
+        from torch.utils.data import DataLoader, TensorDataset
+
+        task, loss = _dattri_task(model, {k: v.detach() for k, v in model.named_parameters()})
+        train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+        dev = str(next(model.parameters()).device)
+        if method == "grad-dot":
+            s = A.TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False,
+                                   device=dev).self_attribute(train)
+        else:
+            att = A.TRAKAttributor(task, correct_probability_func=lambda p, b: torch.exp(-loss(p, b)), device=dev,
+                                   projector_kwargs={"proj_dim": proj_dim, "device": dev})
+            s = att.self_attribute(train)  # without .cache(): dattri 0.3.0's self_attribute() after it fails
+    else:
+        raise ValueError(f"unknown self score {method!r}; valid choices: {', '.join(SELF)}")
     return s.detach().cpu().double(), time.perf_counter() - t
 
 

@@ -151,3 +151,23 @@ def test_readme_example_runs():
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["S"].shape == (300, 50) and torch.isfinite(namespace["S"]).all()
+
+
+def test_self_scores():
+    """Grad-Dot's self score is ‖∇ℓ_i‖² up to dattri's random projection (its code, checked by hand); the MPE
+    self-influence is ∇ℓ_iᵀ S⁻¹ ∇ℓ_i with the K-FAC precision; the loss is the loss."""
+    x, y, _, _ = _toy(n=40)
+    net = _fit(x, y, 1.0)
+    x = x.double()
+    g = C.per_example_grads(net, x, y)
+    loss, _ = A.self_scores("loss", net, x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(net(x), y, reduction="none").detach())
+    mine, _ = A.self_scores("mpe-self", net, x, y, delta=1.0)
+    post = C.laplace_posterior("kfac", net, x, 1.0)
+    torch.testing.assert_close(mine, (g * A.posterior_solve(net, post, g)).sum(1))
+    with pytest.raises(ValueError, match="unknown self score"):
+        A.self_scores("el2n", net, x, y)
+    pytest.importorskip("dattri")
+    dot, _ = A.self_scores("grad-dot", net, x, y)  # dattri projects the gradients to 512 random directions first
+    r = np.corrcoef(dot.numpy(), (g * g).sum(1).numpy())[0, 1]
+    assert r > 0.95, r
