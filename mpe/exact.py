@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ridge_fit", "ridge_loo_brute_force", "ridge_mpe", "ridge_natural_removal", "beta_bernoulli_posterior", "beta_bernoulli_mpe",
-           "logistic_fit", "logistic_grad_hess", "influence", "mpe_newton_removal"]
+__all__ = ["ridge_fit", "ridge_loo_brute_force", "ridge_mpe", "ridge_natural_removal", "beta_bernoulli_posterior",
+           "beta_bernoulli_mpe", "logistic_fit", "logistic_grad_hess", "influence", "mpe_newton_removal"]
 
 
 def ridge_fit(X, y, delta: float, weights=None):

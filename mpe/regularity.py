@@ -89,7 +89,8 @@ class ForgettingPredictor:
     ``tp``, ``fp``, ``fn``, ``tn`` are summed over the first ``max_steps`` steps (all if None); ``checked`` counts the
     examples that were correct before the update (the ones that can be forgotten). ``el2n_error`` is the median over
     the checked examples of |EL2N(q̂) − EL2N(q_t)|, an absolute error on EL2N's scale [0, √2] (a ratio would explode
-    for confidently correct examples, whose EL2N is near 0). Eq. 1 is exact to first order for plain SGD (no momentum, no weight decay).
+    for confidently correct examples, whose EL2N is near 0). Eq. 1 is exact to first order for plain SGD (no momentum,
+    no weight decay).
     With augmentation, Δq is that of the augmented minibatch the step used (``state.batch``), and the checked
     examples are the clean ones: forgetting is a change of the training example's own prediction.
     """

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import tarfile
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest

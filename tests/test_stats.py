@@ -31,7 +31,8 @@ def test_bootstrap_of_a_mean_matches_the_normal_interval():
 def test_bootstrap_is_paired_and_survives_constant_resamples():
     x = np.arange(50.0)
     est = stats.bootstrap(lambda a, b: spearmanr(a, b)[0], x, 2 * x)
-    assert est.lo == pytest.approx(1.0) and est.hi == pytest.approx(1.0)  # pairs kept together: every resample is perfectly concordant
+    # pairs kept together: every resample is perfectly concordant
+    assert est.lo == pytest.approx(1.0) and est.hi == pytest.approx(1.0)
     tiny = stats.bootstrap(lambda a, b: spearmanr(a, b)[0], np.array([0.0, 1.0]), np.array([1.0, 0.0]))
     assert math.isinf(tiny.hi - tiny.lo)  # undefined on half the resamples: unbounded, never a verdict
     with pytest.raises(ValueError, match="share their first axis"):
