@@ -28,6 +28,8 @@ over subsets T, per test example; both averaged over test examples, with a boots
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 
 import numpy as np
@@ -209,14 +211,30 @@ def dattri_scores(method: str, models, x, y, x_test, y_test, *, regularization: 
                                projector_kwargs={"proj_dim": proj_dim, "device": dev, **kw.pop("projector_kwargs", {})})
     else:
         raise ValueError(f"unknown dattri method {method!r}; valid choices: {', '.join(DATTRI)}")
-    if method == "trak":
-        att.cache(train)
-        return att.attribute(test).detach().cpu()
-    if method not in ("tracin", "grad-dot", "grad-cos"):
-        # the curvature from all of the training set at once: dattri sums its inverse-Hessian products over the
-        # batches of this loader, Σ_b H_b⁻¹ g, which is not (Σ_b H_b)⁻¹ g unless there is one batch
-        att.cache(DataLoader(TensorDataset(x, y), batch_size=len(x), shuffle=False))
-    return att.attribute(train, test).detach().cpu()
+    with _quiet_dattri():
+        if method == "trak":
+            att.cache(train)
+            return att.attribute(test).detach().cpu()
+        if method not in ("tracin", "grad-dot", "grad-cos"):
+            # the curvature from all of the training set at once: dattri sums its inverse-Hessian products over the
+            # batches of this loader, Σ_b H_b⁻¹ g, which is not (Σ_b H_b)⁻¹ g unless there is one batch
+            att.cache(DataLoader(TensorDataset(x, y), batch_size=len(x), shuffle=False))
+        return att.attribute(train, test).detach().cpu()
+
+
+@contextlib.contextmanager
+def _quiet_dattri():
+    """Turn off the progress bars of dattri's attributors while they run: nested bars with ``leave=False`` write
+    cursor-up codes, which end up as lines of "[A" in a notebook's stored output."""
+    from dattri.algorithm import base
+    from tqdm import tqdm
+
+    shown = base.tqdm
+    base.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        base.tqdm = shown
 
 
 def scores(method: str, model, x, y, x_test, y_test, **kw) -> tuple[torch.Tensor, float]:
@@ -264,12 +282,12 @@ def self_scores(method: str, model, x, y, *, delta: float | None = None, batch_s
         train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
         dev = str(next(model.parameters()).device)
         if method == "grad-dot":
-            s = A.TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False,
-                                   device=dev).self_attribute(train)
+            att = A.TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False, device=dev)
         else:
             att = A.TRAKAttributor(task, correct_probability_func=lambda p, b: torch.exp(-loss(p, b)), device=dev,
                                    projector_kwargs={"proj_dim": proj_dim, "device": dev})
-            s = att.self_attribute(train)  # without .cache(): dattri 0.3.0's self_attribute() after it fails
+        with _quiet_dattri():
+            s = att.self_attribute(train)  # TRAK without .cache(): dattri 0.3.0's self_attribute() after it fails
     else:
         raise ValueError(f"unknown self score {method!r}; valid choices: {', '.join(SELF)}")
     return s.detach().cpu().double(), time.perf_counter() - t
