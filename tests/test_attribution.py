@@ -167,7 +167,11 @@ def test_self_scores():
     torch.testing.assert_close(mine, (g * A.posterior_solve(net, post, g)).sum(1))
     with pytest.raises(ValueError, match="unknown self score"):
         A.self_scores("el2n", net, x, y)
+    with pytest.raises(ValueError, match="needs the prior precision"):
+        A.self_scores("mpe-self", net, x, y)
     pytest.importorskip("dattri")
     dot, _ = A.self_scores("grad-dot", net, x, y)  # dattri projects the gradients to 512 random directions first
     r = np.corrcoef(dot.numpy(), (g * g).sum(1).numpy())[0, 1]
     assert r > 0.95, r
+    trak, _ = A.self_scores("trak", net, x, y)
+    assert trak.shape == (len(x),)  # dattri's own is (N, 1)

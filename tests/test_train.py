@@ -235,3 +235,33 @@ def test_the_ledger_counts_runs_steps_and_examples_by_hand():
     assert [r["vectorised"] for r in WORK[-3:]] == [3, 3, 3]
     WORK.clear()
     assert work() == {}
+
+
+def test_conv_nets_train_in_channels_last_and_give_back_the_default_layout():
+    """On a CPU a conv net trains with NHWC images and parameters (faster); the steps are the same SGD steps as in the
+    default layout, checked against a hand-written loop, and the parameters come back contiguous."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+    def conv():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3))
+
+    seen = []
+
+    class Layout:
+        def on_batch_start(self, state, idx):
+            seen.append(state.batch[0].is_contiguous(memory_format=torch.channels_last))
+
+    m, ref = conv(), conv()
+    train(m, x, y, optimizer="sgd", lr=0.1, momentum=0.9, epochs=2, batch_size=8, shuffle=False, schedule="constant",
+          callbacks=[Layout()])
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for s in (0, 8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(ref(x[s:s + 8]), y[s:s + 8]).backward()
+            opt.step()
+    assert seen == [True] * 4
+    assert all(p.is_contiguous() for p in m.parameters())
+    torch.testing.assert_close(flat_params(m), flat_params(ref), rtol=1e-5, atol=1e-6)
