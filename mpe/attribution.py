@@ -124,18 +124,10 @@ def posterior_solve(model, posterior: C.Posterior, v: torch.Tensor) -> torch.Ten
         return torch.cholesky_solve(v.T.to(posterior.data.dtype), torch.linalg.cholesky(posterior.data)).T.to(v.dtype)
     if posterior.kind != "kfac":
         raise ValueError(f"unknown posterior kind {posterior.kind!r}; valid: full, diag, kfac")
-    out = torch.empty_like(v)
-    for (m, w_off, b_off), (Ua, la, Ug, lg, count) in zip(C._layers(model), posterior.data):
-        o, nw = m.weight.shape[0], m.weight[0].numel()
-        block = v[:, w_off:w_off + o * nw].reshape(len(v), o, nw)
-        if b_off is not None:
-            block = torch.cat([block, v[:, b_off:b_off + o, None]], 2)  # (R, out, D): the bias as the last input
-        prec = lg[:, None] * la[None, :] / count + posterior.delta  # the precision in the Kronecker eigenbasis
-        block = Ug @ ((Ug.T @ block @ Ua) / prec) @ Ua.T
-        out[:, w_off:w_off + o * nw] = block[:, :, :nw].reshape(len(v), -1)
-        if b_off is not None:
-            out[:, b_off:b_off + o] = block[:, :, nw]
-    return out
+    layers = C._layers(model)
+    # per layer, the precision is diagonal in the Kronecker eigenbasis (U_G ⊗ U_A): rotate, divide, rotate back
+    return C._to_flat(layers, [Ug @ ((Ug.T @ d @ Ua) / (lg[:, None] * la[None, :] / count + posterior.delta)) @ Ua.T
+                               for d, (Ua, la, Ug, lg, count) in zip(C._from_flat(layers, v), posterior.data)])
 
 
 def mpe_scores(model, x, y, x_test, y_test, *, posterior: str = "full", delta: float, chunk: int = 1024):

@@ -294,23 +294,24 @@ def _layer_chunk(layers) -> int:
 
 
 def _to_flat(layers, parts) -> torch.Tensor:
-    """Per-layer (out, D) blocks, bias in the last column where there is one, as one vector in parameter order."""
-    out = torch.empty(sum(d.numel() for d in parts), dtype=parts[0].dtype, device=parts[0].device)
+    """Per-layer (..., out, D) blocks, bias in the last column where there is one, as (..., P) in parameter order."""
+    lead = parts[0].shape[:-2]
+    out = torch.empty(*lead, sum(d.shape[-2] * d.shape[-1] for d in parts), dtype=parts[0].dtype, device=parts[0].device)
     for (m, w_off, b_off), d in zip(layers, parts):
         nw = m.weight[0].numel()
-        out[w_off:w_off + m.weight.numel()] = d[:, :nw].reshape(-1)
+        out[..., w_off:w_off + m.weight.numel()] = d[..., :nw].reshape(*lead, -1)
         if b_off is not None:
-            out[b_off:b_off + len(d)] = d[:, nw]
+            out[..., b_off:b_off + d.shape[-2]] = d[..., nw]
     return out
 
 
 def _from_flat(layers, v) -> list[torch.Tensor]:
-    """Inverse of :func:`_to_flat`: a vector in parameter order as per-layer (out, D) blocks."""
+    """Inverse of :func:`_to_flat`: (..., P) in parameter order as per-layer (..., out, D) blocks."""
     parts = []
     for m, w_off, b_off in layers:
         o = m.weight.shape[0]
-        d = v[w_off:w_off + m.weight.numel()].reshape(o, -1)
-        parts.append(d if b_off is None else torch.cat([d, v[b_off:b_off + o, None]], 1))
+        d = v[..., w_off:w_off + m.weight.numel()].reshape(*v.shape[:-1], o, -1)
+        parts.append(d if b_off is None else torch.cat([d, v[..., b_off:b_off + o, None]], -1))
     return parts
 
 
