@@ -166,7 +166,8 @@ def dattri_scores(method: str, models, x, y, x_test, y_test, *, regularization: 
     dattri's inner-product attributors return ∇ℓ_iᵀ H⁻¹ ∇ℓ_j (positive: i helps j), which is already this module's
     convention; ``regularization`` is the λ of H + λI (dattri's own name). TRAK scores are ensembled over the
     checkpoints; TracIn sums over them with unit weights (``grad-dot`` and ``grad-cos`` take the last one). TracIn,
-    Grad-Dot, Grad-Cos and TRAK use dattri's default random projection of the gradients to 512 dimensions (seed 0)."""
+    Grad-Dot, Grad-Cos and TRAK project the gradients to ``proj_dim`` random directions first (dattri's default 512,
+    seed 0)."""
     try:
         from dattri import algorithm as A
     except ImportError as err:
@@ -193,7 +194,7 @@ def dattri_scores(method: str, models, x, y, x_test, y_test, *, regularization: 
         att = A.IFAttributorArnoldi(task, device=dev, regularization=regularization, **kw)
     elif method in ("tracin", "grad-dot", "grad-cos"):
         att = A.TracInAttributor(task, weight_list=torch.ones(len(task.get_checkpoints())),
-                                 normalized_grad=method == "grad-cos", device=dev)
+                                 normalized_grad=method == "grad-cos", device=dev, projector_kwargs=_projector(proj_dim, dev))
     elif method == "trak":
         def p_correct(params, batch):
             xb, yb = batch
@@ -212,6 +213,12 @@ def dattri_scores(method: str, models, x, y, x_test, y_test, *, regularization: 
             # batches of this loader, Σ_b H_b⁻¹ g, which is not (Σ_b H_b)⁻¹ g unless there is one batch
             att.cache(DataLoader(TensorDataset(x, y), batch_size=len(x), shuffle=False))
         return att.attribute(train, test).detach().cpu()
+
+
+def _projector(proj_dim: int, device: str) -> dict:
+    """TracIn's projection settings, every one given: dattri 0.3.0 updates its module-level defaults in place with
+    what it is passed (so a value left out is the last call's), and their device is "cpu" whatever the model's."""
+    return {"proj_dim": proj_dim, "proj_max_batch_size": 32, "proj_seed": 0, "device": device}
 
 
 @contextlib.contextmanager
@@ -279,7 +286,8 @@ def self_scores(method: str, model, x, y, *, delta: float | None = None, batch_s
         train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
         dev = str(next(model.parameters()).device)
         if method == "grad-dot":
-            att = A.TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False, device=dev)
+            att = A.TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False, device=dev,
+                                     projector_kwargs=_projector(proj_dim, dev))
         else:
             att = A.TRAKAttributor(task, correct_probability_func=lambda p, b: torch.exp(-loss(p, b)), device=dev,
                                    projector_kwargs={"proj_dim": proj_dim, "device": dev})

@@ -142,6 +142,18 @@ def test_against_dattri():
     np.testing.assert_allclose(theirs.numpy() / len(x), ours.numpy(), rtol=1e-4, atol=1e-8)
 
 
+def test_grad_dot_projects_to_proj_dim():
+    """dattri's Grad-Dot is ∇ℓ_iᵀ∇ℓ_j after a random projection to proj_dim directions: close to the exact inner
+    product with many directions, far from it with few (so proj_dim reaches dattri's projector)."""
+    pytest.importorskip("dattri")
+    x, y, xt, yt = _toy()
+    net = _fit(x, y, 1.0).float()
+    exact = (C.per_example_grads(net, x, y) @ C.per_example_grads(net, xt, yt).T).numpy().ravel()
+    r = {d: np.corrcoef(A.scores("grad-dot", net, x, y, xt, yt, proj_dim=d)[0].numpy().ravel(), exact)[0, 1]
+         for d in (4, 4096)}
+    assert r[4096] > 0.98 and r[4] < 0.9, r
+
+
 def test_readme_example_runs():
     """The README's ten-line example of scoring one's own model is code that runs."""
     from pathlib import Path
