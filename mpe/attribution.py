@@ -39,14 +39,15 @@ import torch.nn.functional as F
 from . import curvature as C
 from .retrain import fit_subset, run_specs
 
-__all__ = ["METHODS", "DATTRI", "SELF", "self_scores", "order", "base_spec", "reference_models", "loo_truth",
-           "lds_subsets", "lds_truth", "scores", "posterior_solve", "mpe_scores", "lpntk_scores", "dattri_scores",
-           "evaluate"]
+__all__ = ["METHODS", "DATTRI", "SELF", "DYNAMICS", "self_scores", "dynamics_scores", "order", "base_spec",
+           "reference_models", "loo_truth", "lds_subsets", "lds_truth", "scores", "posterior_solve", "mpe_scores",
+           "lpntk_scores", "dattri_scores", "evaluate"]
 
 OURS = ("mpe-full", "mpe-kfac", "mpe-diag", "lpntk")
 DATTRI = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "tracin", "grad-dot", "grad-cos", "trak")
 METHODS = OURS + DATTRI
 SELF = ("loss", "mpe-sensitivity", "mpe-self", "grad-dot", "trak")  # self scores for flipped labels (larger: suspect)
+DYNAMICS = ("forgetting", "cbtl", "el2n")  # the same, read from the training run (dynamics_scores)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,6 +96,33 @@ def loo_truth(base: dict, perm: list[int], removed, cache=None, executor=None, p
     specs = [_without(base, perm, ())] + [_without(base, perm, [i]) for i in removed]
     losses = run_specs(fit_subset, specs, cache, executor, progress=progress, desc="leave-one-out retrains")
     return torch.stack(losses[1:]) - losses[0], torch.tensor(removed)
+
+
+def dynamics_scores(base: dict, perm: list[int], *, el2n_epochs: int = 2, cache=None, executor=None) -> dict:
+    """Self scores read from training itself, (N,) each and larger for a more suspect label (:data:`DYNAMICS`): the
+    reference run of ``base`` in the order ``perm`` (the run of :func:`reference_models`), retraced with every
+    example recorded at each visit, before the update on its minibatch.
+
+    - ``forgetting``: Toneva et al.'s forgetting events, never-learned examples counted as the number of epochs (her
+      rule for ranking);
+    - ``cbtl``: the number of visits at which the example was misclassified: epochs minus the regularity paper's CBTL;
+    - ``el2n``: Paul et al.'s EL2N ‖softmax(f) − e_y‖ at the visit of epoch ``el2n_epochs`` (their score early in
+      training)."""
+    from .regularity import regularity
+
+    correct, el2n = run_specs(fit_subset, [_without(base, perm, (), "visit_correct"), _without(base, perm, (), "el2n_history")],
+                              cache, executor, desc="training dynamics")
+    if not 1 <= el2n_epochs <= len(el2n):
+        raise ValueError(f"el2n_epochs must lie in [1, {len(el2n)}] (the run's epochs), got {el2n_epochs}")
+    r, where = regularity(correct), torch.as_tensor(perm)  # position k of the run is training example perm[k]
+
+    def by_example(v):
+        out = torch.empty_like(v)
+        out[where] = v
+        return out.double()
+
+    return {"forgetting": by_example(r["events_for_sorting"]), "cbtl": by_example(len(correct) - r["cb"]),
+            "el2n": by_example(el2n[el2n_epochs - 1])}
 
 
 def lds_subsets(n: int, n_subsets: int = 100, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .train import LearningDifficulty, flat_params, nll_and_error, predict, set_flat_params, train, train_many, vectorisable
+from .train import (LearningDifficulty, VisitRecorder, flat_params, nll_and_error, predict, set_flat_params, train, train_many,
+                    vectorisable)
 
 __all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache", "subset_runs",
            "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed", "run_specs", "spec_key",
@@ -330,13 +331,16 @@ EVALUATIONS = {  # what a retrained model reports, by name: (model, Data, its ca
     "test_loss": lambda m, d, cb: torch.nn.functional.cross_entropy(predict(m, d.x_test).cpu().double(), d.y_test,
                                                                     reduction="none"),
     "parameters": lambda m, d, cb: flat_params(m).cpu(),  # θ (P,), in model.parameters() order: the trained model
-    # recorded during training (RECORDERS): EL2N summed over every visit (kept,), and per epoch (epochs, kept)
+    # recorded during training (RECORDERS): EL2N summed over every visit (kept,), and per epoch (epochs, kept); right
+    # (1) or wrong (0) at every visit (epochs, kept), for forgetting events and CBTL
     "learning_difficulty": lambda m, d, cb: cb[0].total,
     "el2n_history": lambda m, d, cb: torch.stack(cb[0].history),
+    "visit_correct": lambda m, d, cb: torch.stack(cb[0].history),
 }
 RECORDERS = {  # the callbacks that the evaluations above read, made anew for each run on n kept examples
     "learning_difficulty": _difficulty_recorder,
     "el2n_history": _difficulty_recorder,
+    "visit_correct": lambda n: [VisitRecorder(n)],
 }
 FIT_SPEC_KEYS = ("data", "model", "seed", "kept", "removed", "train", "evaluate", "device")
 

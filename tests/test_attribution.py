@@ -118,6 +118,38 @@ def test_loo_truth_is_the_difference_of_retrains(tmp_path):
                                loss_without(set()), rtol=1e-5, atol=1e-6)
 
 
+def test_dynamics_scores_retrace_the_reference_run(tmp_path):
+    """Forgetting events, misclassified visits and EL2N against one run by hand in the same order, recorded by hand,
+    and mapped from run positions back to training examples."""
+    from mpe.data import from_spec
+    from mpe.train import el2n
+
+    recipe = {"epochs": 4, "lr": 0.5, "batch_size": 16, "shuffle": False, "momentum": 0.0, "schedule": "constant"}
+    base = A.base_spec({"name": "digits", "n_train": 120, "n_test": 20, "seed": 0}, {"name": "softmax_regression"},
+                       recipe)
+    data = from_spec(base["data"])
+    perm = A.order(120, seed=2)
+    got = A.dynamics_scores(base, perm, el2n_epochs=2, cache=tmp_path)
+    x, y = data.x_train[perm], data.y_train[perm]
+    net = get_model("softmax_regression", data.shape, data.n_classes, seed=0)
+    right, err = torch.zeros(4, 120), torch.zeros(4, 120)
+
+    class Record:  # position k of the run is example perm[k]
+        def on_batch_end(self, state, idx, logits, yb):
+            right[state.epoch, torch.as_tensor(perm)[idx]] = (logits.argmax(1) == yb).float()
+            err[state.epoch, torch.as_tensor(perm)[idx]] = el2n(logits.detach(), yb)
+
+    train(net, x, y, seed=0, callbacks=[Record()], **recipe)
+    events = ((right[:-1] == 1) & (right[1:] == 0)).sum(0).double()
+    never = right.sum(0) == 0
+    torch.testing.assert_close(got["forgetting"], torch.where(never, 4.0, events).double())
+    torch.testing.assert_close(got["cbtl"], (4 - right.sum(0)).double())
+    torch.testing.assert_close(got["el2n"], err[1].double(), rtol=1e-5, atol=1e-6)
+    assert 0 < got["cbtl"].mean() < 4  # some examples are learned, some are not: the test can see a mix-up
+    with pytest.raises(ValueError, match="el2n_epochs"):
+        A.dynamics_scores(base, perm, el2n_epochs=5, cache=tmp_path)
+
+
 def test_against_dattri():
     """dattri's metrics equal ours; its explicit influence function equals the MPE with the full GGN where the
     Hessian is the GGN (softmax regression) and its regularisation is our prior on the mean-loss scale."""
