@@ -73,16 +73,17 @@ def _without(base: dict, perm: list[int], drop, evaluate: str = "test_loss") -> 
 
 def reference_models(base: dict, perms: list[list[int]], cache=None, executor=None):
     """The models trained on all the data in each order of ``perms`` (the reference θ_*, and the checkpoints of
-    ensembles such as TRAK-k), by the same jobs as the ground truth, cached: a list of modules in eval mode."""
+    ensembles such as TRAK-k), by the same jobs as the ground truth, cached: a list of modules in eval mode. Each run
+    also records its training dynamics, which :func:`dynamics_scores` reads back from the cache without training again."""
     from .data import from_spec
     from .models import get_model
     from .train import set_flat_params
 
     data = from_spec(base["data"])
-    thetas = run_specs(fit_subset, [_without(dict(base, seed=base["seed"] + k), p, (), "parameters")
-                                    for k, p in enumerate(perms)], cache, executor, desc="reference models")
+    runs = run_specs(fit_subset, [_without(dict(base, seed=base["seed"] + k), p, (), "reference")
+                                  for k, p in enumerate(perms)], cache, executor, desc="reference models")
     out = []
-    for k, theta in enumerate(thetas):
+    for k, theta in enumerate(r["parameters"] for r in runs):
         kw = {k2: v for k2, v in base["model"].items() if k2 not in ("name", "seed")}
         net = get_model(base["model"]["name"], data.shape, data.n_classes, seed=0, **kw)
         set_flat_params(net, theta)
@@ -110,8 +111,8 @@ def dynamics_scores(base: dict, perm: list[int], *, el2n_epochs: int = 2, cache=
       training)."""
     from .regularity import regularity
 
-    correct, el2n = run_specs(fit_subset, [_without(base, perm, (), "visit_correct"), _without(base, perm, (), "el2n_history")],
-                              cache, executor, desc="training dynamics")
+    run, = run_specs(fit_subset, [_without(base, perm, (), "reference")], cache, executor, desc="training dynamics")
+    correct, el2n = run["visit_correct"], run["el2n_history"]
     if not 1 <= el2n_epochs <= len(el2n):
         raise ValueError(f"el2n_epochs must lie in [1, {len(el2n)}] (the run's epochs), got {el2n_epochs}")
     r, where = regularity(correct), torch.as_tensor(perm)  # position k of the run is training example perm[k]

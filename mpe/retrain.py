@@ -322,6 +322,10 @@ def _difficulty_recorder(n):
     return [LearningDifficulty(n)]
 
 
+def _reference_recorders(n):
+    return [VisitRecorder(n), LearningDifficulty(n)]
+
+
 EVALUATIONS = {  # what a retrained model reports, by name: (model, Data, its callbacks) -> CPU tensor (or float)
     "train_correct": lambda m, d, cb: (predict(m, d.x_train).argmax(1).cpu() == d.y_train).float(),
     "test_correct": lambda m, d, cb: (predict(m, d.x_test).argmax(1).cpu() == d.y_test).float(),
@@ -336,11 +340,15 @@ EVALUATIONS = {  # what a retrained model reports, by name: (model, Data, its ca
     "learning_difficulty": lambda m, d, cb: cb[0].total,
     "el2n_history": lambda m, d, cb: torch.stack(cb[0].history),
     "visit_correct": lambda m, d, cb: torch.stack(cb[0].history),
+    # all of a reference run at once (mpe.attribution): θ and both visit records, so that one training serves both
+    "reference": lambda m, d, cb: {"parameters": flat_params(m).cpu(), "visit_correct": torch.stack(cb[0].history),
+                                   "el2n_history": torch.stack(cb[1].history)},
 }
 RECORDERS = {  # the callbacks that the evaluations above read, made anew for each run on n kept examples
     "learning_difficulty": _difficulty_recorder,
     "el2n_history": _difficulty_recorder,
     "visit_correct": lambda n: [VisitRecorder(n)],
+    "reference": _reference_recorders,
 }
 FIT_SPEC_KEYS = ("data", "model", "seed", "kept", "removed", "train", "evaluate", "device")
 

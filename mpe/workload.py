@@ -525,8 +525,8 @@ def estimate(runs: list[Runs], table: dict | None = None) -> dict:
 
 # Comparison ------------------------------------------------------------------------------------------------------
 @formula("compare-attribution")
-def _compare_attribution(p):  # the reference models (clean, flipped labels) and the flipped run retraced twice
-    n, e, b, m = p["n_train"], p["epochs"], p["batch_size"], p["model"]  # (dynamics_scores); in every order the
+def _compare_attribution(p):  # the reference models (clean, flipped labels; the flipped run's record also gives
+    n, e, b, m = p["n_train"], p["epochs"], p["batch_size"], p["model"]  # dynamics_scores); in every order the
     k = len(p["orders"])                              # full-data run and each leave-one-out retrain; the LDS subsets
-    return [Runs(m, 4 + k, n, e, b, stacked=True), Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
+    return [Runs(m, 2 + k, n, e, b, stacked=True), Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
             Runs(m, p["n_subsets"], int(round(p["subset_fraction"] * n)), e, b, stacked=True)]

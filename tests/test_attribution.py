@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mpe import attribution as A
 from mpe import curvature as C
 from mpe.models import get_model
-from mpe.train import train
+from mpe.train import flat_params, train
 
 
 def _toy(n=60, m=15, d=6, k=3, seed=0):
@@ -120,7 +120,7 @@ def test_loo_truth_is_the_difference_of_retrains(tmp_path):
 
 def test_dynamics_scores_retrace_the_reference_run(tmp_path):
     """Forgetting events, misclassified visits and EL2N against one run by hand in the same order, recorded by hand,
-    and mapped from run positions back to training examples."""
+    and mapped from run positions back to training examples; read from the reference model's run, not trained again."""
     from mpe.data import from_spec
     from mpe.train import el2n
 
@@ -129,7 +129,10 @@ def test_dynamics_scores_retrace_the_reference_run(tmp_path):
                        recipe)
     data = from_spec(base["data"])
     perm = A.order(120, seed=2)
+    ref = A.reference_models(base, [perm], tmp_path)[0]
+    runs = sorted(tmp_path.glob("*.pt"))
     got = A.dynamics_scores(base, perm, el2n_epochs=2, cache=tmp_path)
+    assert sorted(tmp_path.glob("*.pt")) == runs == runs[:1]  # one training serves the model and its dynamics
     x, y = data.x_train[perm], data.y_train[perm]
     net = get_model("softmax_regression", data.shape, data.n_classes, seed=0)
     right, err = torch.zeros(4, 120), torch.zeros(4, 120)
@@ -140,6 +143,7 @@ def test_dynamics_scores_retrace_the_reference_run(tmp_path):
             err[state.epoch, torch.as_tensor(perm)[idx]] = el2n(logits.detach(), yb)
 
     train(net, x, y, seed=0, callbacks=[Record()], **recipe)
+    torch.testing.assert_close(flat_params(ref), flat_params(net))
     events = ((right[:-1] == 1) & (right[1:] == 0)).sum(0).double()
     never = right.sum(0) == 0
     torch.testing.assert_close(got["forgetting"], torch.where(never, 4.0, events).double())
