@@ -73,7 +73,22 @@ def jacobians(model: nn.Module, x: torch.Tensor, chunk: int | None = None):
 
 
 def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example gradients of the cross-entropy ∇ℓ_i = J_iᵀ(p_i − y_i), shape (N, P), in eval mode (no dropout)."""
+    """Per-example gradients of the cross-entropy ∇ℓ_i = J_iᵀ(p_i − y_i), shape (N, P), in eval mode (no dropout).
+
+    For a model whose parameters all sit in Linear and Conv2d layers, from one batched backward pass: a layer's
+    ∇_W ℓ_i = Σ_t g_it a_itᵀ (output gradients g, inputs a); other models through ``torch.func`` (vmap of grad)."""
+    layers = _layer_route(model)
+    if layers is not None:
+        chunk = min(512, auto_chunk(1, max(m.weight.numel() for m, _, _ in layers)))
+        out = None
+        for sl, logits, io in _layer_io(model, x, chunk, y, inputs=_unfolded):
+            if out is None:
+                out = logits.new_empty(len(x), sum(p.numel() for p in model.parameters()))
+            for (m, w_off, b_off), (a, g) in zip(layers, io):  # a (n, D, T) without a bias row, g (n, 1, out, T)
+                out[sl, w_off:w_off + m.weight.numel()].unflatten(1, (g.shape[2], -1)).copy_(g[:, 0] @ a.mT)
+                if b_off is not None:
+                    out[sl, b_off:b_off + g.shape[2]] = g[:, 0].sum(-1)
+        return out
     f, params, names = _functional(model)
     device = next(model.parameters()).device
 
@@ -134,11 +149,11 @@ def ggn_diag(model: nn.Module, x: torch.Tensor, chunk: int | None = None) -> tor
         L = sqrt_softmax_hessian(torch.softmax(logits, 1))
         parts = []
         for a, g in io:
-            gc = torch.einsum("nkc,nkto->ncto", L, g)  # output gradients of the columns of L_iᵀ f_i
+            gc = _columns(L, g)  # output gradients of the columns of L_iᵀ f_i
             if a.shape[1] == 1:
-                parts.append(torch.einsum("nco,nd->od", gc[:, :, 0].pow(2), a[:, 0].pow(2)))
+                parts.append(gc[..., 0].pow(2).sum(1).T @ a[:, 0].pow(2))  # Σ_i (Σ_c gc²) (a²)ᵀ
             else:
-                parts.append(torch.einsum("ncto,ntd->ncod", gc, a).pow(2).sum((0, 1)))
+                parts.append(_jacobian(gc, a).pow(2).sum((0, 1)))
         out = out + _to_flat(layers, parts)
     return out
 
@@ -177,6 +192,13 @@ def _layer_inputs(m, inp):
     return a
 
 
+def _unfolded(m, inp):
+    """A layer's inputs as columns (n, D, T), the patches of a convolution unfolded, without a bias row."""
+    if isinstance(m, nn.Linear):
+        return inp.reshape(inp.shape[0], -1, 1)
+    return F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride)
+
+
 @dataclass
 class Posterior:
     """A Gaussian posterior precision S in one of the forms listed in the module docstring."""
@@ -197,9 +219,11 @@ def kfac_factors(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> li
     for _, logits, io in _layer_io(model, x, batch_size):
         L = sqrt_softmax_hessian(torch.softmax(logits, 1))
         for j, (a, g) in enumerate(io):
-            gc = torch.einsum("nkc,nkto->ncto", L, g)  # output gradients of the columns of L_iᵀ f_i
-            A[j] = A.get(j, 0) + torch.einsum("ntd,nte->de", a, a)
-            G[j] = G.get(j, 0) + torch.einsum("ncto,nctq->oq", gc, gc)
+            gc = _columns(L, g).flatten(0, 1)  # output gradients of the columns of L_iᵀ f_i, (n C, out, T)
+            a2 = a.reshape(-1, a.shape[2])
+            A[j] = A.get(j, 0) + a2.T @ a2
+            g2 = gc.transpose(1, 2).reshape(-1, gc.shape[1]) if gc.shape[2] < gc.shape[1] else None  # few positions
+            G[j] = G.get(j, 0) + (g2.T @ g2 if g2 is not None else (gc @ gc.mT).sum(0))
             count[j] = count.get(j, 0) + a.shape[0] * a.shape[1]
     return [(A[j], G[j], count[j]) for j in sorted(A)]
 
@@ -249,8 +273,12 @@ def adam_posterior(optimizer, n: int, delta: float) -> Posterior:
     return Posterior("diag", n * v.sqrt() + delta, delta)
 
 
-def _layer_io(model, x, batch_size=256):
-    """Yield (slice, logits, [(a (n, T, D), g (n, K, T, out)) per layer]): layer inputs and ∂f_k/∂s per example."""
+def _layer_io(model, x, batch_size=256, y=None, inputs=None):
+    """Yield (slice, logits, [(a (n, T, D), g (n, K, out, T)) per layer]): layer inputs (T spatial positions, a
+    trailing 1 for the bias) and ∂f_k/∂s per example, in the layout the backward pass gives (no transposed copy).
+    With labels ``y``, g (n, 1, out, T) is instead the output gradient of the example's cross-entropy: one backward
+    pass. ``inputs(module, input)`` replaces :func:`_layer_inputs` as the maker of a."""
+    inputs = inputs or _layer_inputs
     layers = _layers(model)
     device = next(model.parameters()).device
     was_training = model.training
@@ -263,13 +291,15 @@ def _layer_io(model, x, batch_size=256):
             store.clear()
             logits = model(xb)
             outs = [store[m][1] for m, _, _ in layers]
-            K = logits.shape[1]
-            grads = [[] for _ in layers]
-            for k in range(K):  # examples are independent in eval mode, so one backward of Σ_i f_ik gives ∂f_ik/∂s_i
-                for j, g in enumerate(torch.autograd.grad(logits[:, k].sum(), outs, retain_graph=k < K - 1)):
-                    grads[j].append(g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2))
-            yield slice(s, s + len(xb)), logits.detach(), [
-                (_layer_inputs(m, store[m][0]), torch.stack(grads[j], 1)) for j, (m, _, _) in enumerate(layers)]
+            n, K = logits.shape
+            targets = [logits[:, k].sum() for k in range(K)] if y is None else [
+                F.cross_entropy(logits, y[s:s + n].to(device), reduction="sum")]
+            grads = [o.new_empty(n, len(targets), o.shape[1], o[0, 0].numel()) for o in outs]
+            for k, f in enumerate(targets):  # examples are independent in eval mode: ∂(Σ_i f_ik)/∂s_i = ∂f_ik/∂s_i
+                for j, g in enumerate(torch.autograd.grad(f, outs, retain_graph=k < len(targets) - 1)):
+                    grads[j][:, k] = g.reshape(n, g.shape[1], -1)
+            yield slice(s, s + n), logits.detach(), [
+                (inputs(m, store[m][0]), grads[j]) for j, (m, _, _) in enumerate(layers)]
     finally:
         for h in hooks:
             h.remove()
@@ -285,6 +315,23 @@ def _layer_route(model: nn.Module):
         return None
 
 
+def _columns(L: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Output gradients of the columns of L_iᵀ f_i: (Lᵀ g) (n, C, out, T) from L (n, K, C) and g (n, K, out, T)."""
+    n, k, o, t = g.shape
+    return (L.mT @ g.reshape(n, k, o * t)).reshape(n, L.shape[2], o, t)
+
+
+def _jacobian(g: torch.Tensor, a: torch.Tensor, Ug=None, Ua=None) -> torch.Tensor:
+    """A layer's per-example Jacobian ∂f_ik/∂W = Σ_t g_ikt a_itᵀ, (n, K, out, D), from g (n, K, out, T) and a (n, T,
+    D); in the bases U_G, U_A (U_Gᵀ J U_A) where given, rotating before or after the sum, whichever costs less."""
+    n, k, o, t = g.shape
+    d = a.shape[2]
+    if Ug is not None and t * (d * d + k * o * o) < k * o * d * (o + d):  # rotate the inputs and output gradients
+        g, a, Ug, Ua = (Ug.T @ g.reshape(n, k, o, t)).reshape(n, k, o, t), a @ Ua, None, None
+    J = (g.reshape(n, k * o, t) @ a).reshape(n, k, o, d)
+    return J if Ug is None else Ug.T @ J @ Ua
+
+
 def _layer_chunk(layers) -> int:
     """Examples per chunk of the layer route: a convolution's per-example Jacobian (n, K, out, D) within budget (K
     read off the last layer)."""
@@ -293,13 +340,16 @@ def _layer_chunk(layers) -> int:
     return min(256, auto_chunk(k, max(conv, default=1)))
 
 
-def _to_flat(layers, parts) -> torch.Tensor:
-    """Per-layer (..., out, D) blocks, bias in the last column where there is one, as (..., P) in parameter order."""
+def _to_flat(layers, parts, out=None) -> torch.Tensor:
+    """Per-layer (..., out, D) blocks, bias in the last column where there is one, as (..., P) in parameter order
+    (written into ``out`` where given)."""
     lead = parts[0].shape[:-2]
-    out = torch.empty(*lead, sum(d.shape[-2] * d.shape[-1] for d in parts), dtype=parts[0].dtype, device=parts[0].device)
+    if out is None:
+        out = torch.empty(*lead, sum(d.shape[-2] * d.shape[-1] for d in parts), dtype=parts[0].dtype,
+                          device=parts[0].device)
     for (m, w_off, b_off), d in zip(layers, parts):
         nw = m.weight[0].numel()
-        out[..., w_off:w_off + m.weight.numel()] = d[..., :nw].reshape(*lead, -1)
+        out[..., w_off:w_off + m.weight.numel()].unflatten(-1, (d.shape[-2], nw)).copy_(d[..., :nw])  # one copy
         if b_off is not None:
             out[..., b_off:b_off + d.shape[-2]] = d[..., nw]
     return out
@@ -327,14 +377,14 @@ def _layer_cov(model, x, blocks, batch_size=256):
         n, k = logits.shape
         V = torch.zeros(n, k, k, dtype=logits.dtype, device=logits.device)
         for (a, g), (Ua, Ug, prec) in zip(io, blocks):
-            at = a if Ua is None else a @ Ua  # (n, T, D)
-            gt = g if Ug is None else g @ Ug  # (n, K, T, out)
             if a.shape[1] == 1:
-                w = at[:, 0].pow(2) @ (1 / prec).T  # (n, out): Σ_j ã_j² / prec_oj
-                V += torch.einsum("nko,nlo,no->nkl", gt[:, :, 0], gt[:, :, 0], w)
+                at = a[:, 0] if Ua is None else a[:, 0] @ Ua  # (n, D)
+                gt = g[..., 0] if Ug is None else g[..., 0] @ Ug  # (n, K, out)
+                w = at.pow(2) @ (1 / prec).T  # (n, out): Σ_j ã_j² / prec_oj
+                V += (gt * w[:, None]) @ gt.mT
             else:
-                Jt = torch.einsum("nkto,ntd->nkod", gt, at)
-                V += torch.einsum("nkod,nlod->nkl", Jt / prec, Jt)
+                W = (_jacobian(g, a, Ug, Ua) * prec.rsqrt()).reshape(n, k, -1)
+                V += W @ W.mT
         out.append(V)
     return torch.cat(out)
 
@@ -357,7 +407,7 @@ def whitened_jacobians(model: nn.Module, x: torch.Tensor, posterior: Posterior) 
             parts = []
             for (a, g), (Ua, la, Ug, lg, count) in zip(io, posterior.data):
                 prec = lg[:, None] * la[None, :] / count + posterior.delta  # (out, D)
-                Jt = torch.einsum("nkto,ntd->nkod", g @ Ug, a @ Ua) / prec.sqrt()
+                Jt = _jacobian(g, a, Ug, Ua) * prec.rsqrt()
                 parts.append(Jt.reshape(Jt.shape[0], Jt.shape[1], -1))
             out.append(torch.cat(parts, 2))
         return torch.cat(out)

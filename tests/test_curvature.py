@@ -1,4 +1,5 @@
 """Jacobians, GGNs, K-FAC and predictive covariances against brute force on tiny models (float64)."""
+import pytest
 import torch
 from torch import nn
 
@@ -27,8 +28,18 @@ def test_jacobians_match_autograd(f64):
     torch.testing.assert_close(J, brute_jacobian(model, x))
 
 
-def test_per_example_grads_match_autograd(f64):
-    model, x, y = tiny_mlp(), torch.randn(5, 1, 2, 3), torch.tensor([0, 2, 1, 1, 0])
+def tiny_cnn():  # padding, stride, a layer without bias, pooling: every case of the layer route
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2, bias=False),
+                         nn.AvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).double()
+
+
+def tiny_normed():  # a LayerNorm: the torch.func route
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double()
+
+
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_cnn, tiny_normed])
+def test_per_example_grads_match_autograd(f64, make):
+    model, x, y = make(), torch.randn(5, 1, 2, 3), torch.tensor([0, 2, 1, 1, 0])
     G = C.per_example_grads(model, x, y)
     for i in range(5):
         loss = nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
