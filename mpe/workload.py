@@ -526,7 +526,8 @@ def estimate(runs: list[Runs], table: dict | None = None) -> dict:
 # Comparison ------------------------------------------------------------------------------------------------------
 @formula("compare-attribution")
 def _compare_attribution(p):  # the reference models (clean, flipped labels; the flipped run's record also gives
-    n, e, b, m = p["n_train"], p["epochs"], p["batch_size"], p["model"]  # dynamics_scores); in every order the
-    k = len(p["orders"])                              # full-data run and each leave-one-out retrain; the LDS subsets
-    return [Runs(m, 2 + k, n, e, b, stacked=True), Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
+    n, e, b, m = p["n_train"], p["epochs"], p["batch_size"], p["model"]  # dynamics_scores) and TRAK-k's other models;
+    k = len(p["orders"])                # in every order the full-data run and each leave-one-out retrain; LDS subsets
+    ensemble = p["trak_models"] - 1 if "trak" in p["methods"] else 0
+    return [Runs(m, 2 + k + ensemble, n, e, b, stacked=True), Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
             Runs(m, p["n_subsets"], int(round(p["subset_fraction"] * n)), e, b, stacked=True)]
