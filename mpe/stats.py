@@ -83,21 +83,28 @@ def decimals(lo: float, hi: float) -> int:
     return int(min(8, max(0, -math.floor(math.log10(hw)))))
 
 
-def over_seeds(values, what: str = "seeds") -> Estimate:
+def over_seeds(values, what: str = "seeds", bounds: tuple[float, float] | None = None) -> Estimate:
     """Mean of ``values`` (K,) from K independent reruns, with the Student-t 95 % interval of the mean.
 
-    With identical values the interval is the value itself; with K = 1 it is unbounded (INCONCLUSIVE).
+    With identical values the interval is the value itself; with K = 1 it is unbounded (INCONCLUSIVE). For a
+    statistic that cannot leave ``bounds`` (a correlation: (-1, 1); a rate: (0, 1)) the interval is cut to them:
+    the mean lies there too, so the cut interval covers it as often, and it never shows a τ of 1.2.
     """
     from scipy.stats import t
 
     v = np.asarray(values, dtype=float).ravel()
     if v.size == 0:
         raise ValueError(f"no values over {what}")
+    low, high = bounds if bounds is not None else (-math.inf, math.inf)
+    if not (low < high and np.all((v >= low) & (v <= high))):
+        raise ValueError(f"values over {what} must lie within bounds [{low}, {high}]")
     if v.size == 1:  # one run has no spread to measure: an unbounded interval, so never a verdict
-        return Estimate(float(v[0]), -math.inf, math.inf, f"one of {what}, no interval")
+        return Estimate(float(v[0]), low, high, f"one of {what}, no interval")
     mean, se = v.mean(), v.std(ddof=1) / math.sqrt(v.size)
     h = float(t.ppf(0.5 + LEVEL / 2, v.size - 1) * se)
-    return Estimate(float(mean), float(mean - h), float(mean + h), f"mean of {v.size} {what}, t-interval")
+    cut = bounds is not None and (mean - h < low or mean + h > high)
+    return Estimate(float(mean), float(max(mean - h, low)), float(min(mean + h, high)),
+                    f"mean of {v.size} {what}, t-interval" + (f" cut to [{low:g}, {high:g}]" if cut else ""))
 
 
 def bootstrap(statistic, *arrays, n_boot: int = 1000, seed: int = 0, what: str = "examples",

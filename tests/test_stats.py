@@ -18,6 +18,16 @@ def test_seed_interval_is_the_student_t_interval():
         stats.over_seeds([])
 
 
+def test_seed_interval_of_a_bounded_statistic_stays_within_its_bounds():
+    taus = [1.0, 1.0, 0.6]  # Kendall tau of three runs: the plain t-interval reaches about 1.4
+    plain, cut = stats.over_seeds(taus), stats.over_seeds(taus, bounds=(-1, 1))
+    assert plain.hi > 1 and cut.hi == 1 and cut.lo == plain.lo and cut.value == plain.value
+    assert "cut to [-1, 1]" in cut.method and "cut" not in stats.over_seeds([0.1, 0.2, 0.3], bounds=(-1, 1)).method
+    assert stats.over_seeds([0.7], bounds=(-1, 1)).verdict(">=", 0.5) == "inconclusive"  # one run: still no verdict
+    with pytest.raises(ValueError, match="within bounds"):
+        stats.over_seeds([0.5, 1.5], bounds=(0, 1))
+
+
 def test_bootstrap_of_a_mean_matches_the_normal_interval():
     x = np.random.default_rng(0).normal(size=400)
     est = stats.bootstrap(np.mean, x, n_boot=2000)
