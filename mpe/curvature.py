@@ -181,22 +181,19 @@ def _layers(model: nn.Module):
     return out
 
 
-def _layer_inputs(m, inp):
-    """Rows a (N, T, D): inputs (unfolded patches for conv) with a trailing 1 for the bias."""
-    if isinstance(m, nn.Linear):
-        a = inp.reshape(inp.shape[0], 1, -1)
-    else:
-        a = F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
-    if m.bias is not None:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
-    return a
-
-
 def _unfolded(m, inp):
     """A layer's inputs as columns (n, D, T), the patches of a convolution unfolded, without a bias row."""
     if isinstance(m, nn.Linear):
         return inp.reshape(inp.shape[0], -1, 1)
     return F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride)
+
+
+def _layer_inputs(m, inp):
+    """Rows a (N, T, D): :func:`_unfolded` as rows, with a trailing 1 for the bias."""
+    a = _unfolded(m, inp).transpose(1, 2)
+    if m.bias is not None:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
+    return a
 
 
 @dataclass
@@ -327,7 +324,7 @@ def _jacobian(g: torch.Tensor, a: torch.Tensor, Ug=None, Ua=None) -> torch.Tenso
     n, k, o, t = g.shape
     d = a.shape[2]
     if Ug is not None and t * (d * d + k * o * o) < k * o * d * (o + d):  # rotate the inputs and output gradients
-        g, a, Ug, Ua = (Ug.T @ g.reshape(n, k, o, t)).reshape(n, k, o, t), a @ Ua, None, None
+        g, a, Ug, Ua = Ug.T @ g, a @ Ua, None, None
     J = (g.reshape(n, k * o, t) @ a).reshape(n, k, o, d)
     return J if Ug is None else Ug.T @ J @ Ua
 

@@ -335,19 +335,17 @@ EVALUATIONS = {  # what a retrained model reports, by name: (model, Data, its ca
     "test_loss": lambda m, d, cb: torch.nn.functional.cross_entropy(predict(m, d.x_test).cpu().double(), d.y_test,
                                                                     reduction="none"),
     "parameters": lambda m, d, cb: flat_params(m).cpu(),  # θ (P,), in model.parameters() order: the trained model
-    # recorded during training (RECORDERS): EL2N summed over every visit (kept,), and per epoch (epochs, kept); right
-    # (1) or wrong (0) at every visit (epochs, kept), for forgetting events and CBTL
+    # recorded during training (RECORDERS): EL2N summed over every visit (kept,), and per epoch (epochs, kept)
     "learning_difficulty": lambda m, d, cb: cb[0].total,
     "el2n_history": lambda m, d, cb: torch.stack(cb[0].history),
-    "visit_correct": lambda m, d, cb: torch.stack(cb[0].history),
-    # all of a reference run at once (mpe.attribution): θ and both visit records, so that one training serves both
+    # all of a reference run at once (mpe.attribution), so that one training serves the model and its dynamics: θ,
+    # right (1) or wrong (0) at every visit (epochs, kept; forgetting events, CBTL) and EL2N at every visit
     "reference": lambda m, d, cb: {"parameters": flat_params(m).cpu(), "visit_correct": torch.stack(cb[0].history),
                                    "el2n_history": torch.stack(cb[1].history)},
 }
 RECORDERS = {  # the callbacks that the evaluations above read, made anew for each run on n kept examples
     "learning_difficulty": _difficulty_recorder,
     "el2n_history": _difficulty_recorder,
-    "visit_correct": lambda n: [VisitRecorder(n)],
     "reference": _reference_recorders,
 }
 FIT_SPEC_KEYS = ("data", "model", "seed", "kept", "removed", "train", "evaluate", "device")
