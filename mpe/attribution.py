@@ -7,7 +7,8 @@ flipped label). :func:`scores` is the one entry point, by method name (:data:`ME
 
 - ``mpe-full``, ``mpe-kfac``, ``mpe-diag`` (MPE, Nickl et al.): removing i moves the MAP by
   θ_{\i} − θ_* ≈ S⁻¹ ∇ℓ_i (the memory-perturbation equation at ε_i = −1, S the Laplace GGN precision Σ_i G_i + δI
-  of :mod:`mpe.curvature`), so ΔL_j ≈ ∇ℓ_jᵀ S⁻¹ ∇ℓ_i;
+  of :mod:`mpe.curvature`), so ΔL_j ≈ ∇ℓ_jᵀ S⁻¹ ∇ℓ_i; ``mpe-iblr`` the same with iBLR's own diagonal variance,
+  IVON's Hessian estimated at the trained model (:func:`mpe.sensitivity.iblr_posterior`);
 - ``lpntk`` (Guo et al.): the labelled-pair kernel κ(x_i, y_i; x_j, y_j) of :func:`mpe.kernels.features`, the
   first-order effect of a gradient step on i on the loss of j, without curvature;
 - ``if-explicit``, ``if-cg``, ``if-lissa``, ``if-arnoldi``, ``tracin``, ``grad-dot``, ``grad-cos``, ``trak``: the
@@ -29,6 +30,7 @@ over subsets T, per test example; both averaged over test examples, with a boots
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import time
 
@@ -43,7 +45,7 @@ __all__ = ["METHODS", "DATTRI", "SELF", "DYNAMICS", "self_scores", "dynamics_sco
            "reference_models", "loo_truth", "lds_subsets", "lds_truth", "scores", "posterior_solve", "mpe_scores",
            "lpntk_scores", "dattri_scores", "evaluate"]
 
-OURS = ("mpe-full", "mpe-kfac", "mpe-diag", "lpntk")
+OURS = ("mpe-full", "mpe-kfac", "mpe-diag", "mpe-iblr", "lpntk")
 DATTRI = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "tracin", "grad-dot", "grad-cos", "trak")
 METHODS = OURS + DATTRI
 SELF = ("loss", "mpe-sensitivity", "mpe-self", "grad-dot", "trak")  # self scores for flipped labels (larger: suspect)
@@ -83,10 +85,13 @@ def reference_models(base: dict, perms: list[list[int]], cache=None, executor=No
     runs = run_specs(fit_subset, [_without(dict(base, seed=base["seed"] + k), p, (), "reference")
                                   for k, p in enumerate(perms)], cache, executor, desc="reference models")
     out = []
-    for k, theta in enumerate(r["parameters"] for r in runs):
-        kw = {k2: v for k2, v in base["model"].items() if k2 not in ("name", "seed")}
+    kw = {k: v for k, v in base["model"].items() if k not in ("name", "seed")}
+    for r in runs:
         net = get_model(base["model"]["name"], data.shape, data.n_classes, seed=0, **kw)
-        set_flat_params(net, theta)
+        set_flat_params(net, r["parameters"])
+        with torch.no_grad():  # batch-norm statistics
+            for b, v in zip(net.buffers(), r["buffers"], strict=True):
+                b.copy_(v)
         out.append(net.to(base.get("device", "cpu")).eval())
     return out
 
@@ -159,20 +164,29 @@ def posterior_solve(model, posterior: C.Posterior, v: torch.Tensor) -> torch.Ten
                                for d, (Ua, la, Ug, lg, count) in zip(C._from_flat(layers, v), posterior.data)])
 
 
-def mpe_scores(model, x, y, x_test, y_test, *, posterior: str = "full", delta: float, chunk: int = 1024):
+def mpe_scores(model, x, y, x_test, y_test, *, posterior: str = "full", delta: float, chunk: int = 1024, **kw):
     """S[i, j] = ∇ℓ_jᵀ S⁻¹ ∇ℓ_i (N, M): the MPE's parameter shift of removing example i, read through test example
-    j's loss; S the Laplace GGN posterior precision of ``posterior`` ("full", "kfac", "diag") with prior δ."""
-    post = C.laplace_posterior(posterior, model, x, delta)
+    j's loss; S the Laplace GGN posterior precision of ``posterior`` ("full", "kfac", "diag") with prior δ, or
+    ("iblr") IVON's own diagonal variance at the model (:func:`mpe.sensitivity.iblr_posterior`, keywords ``kw``)."""
+    if posterior == "iblr":
+        from .sensitivity import iblr_posterior
+
+        post = iblr_posterior(model, x, y, delta, **kw)
+    elif kw:
+        raise TypeError(f"unexpected keywords {sorted(kw)} for the {posterior!r} posterior")
+    else:
+        post = C.laplace_posterior(posterior, model, x, delta)
     g_test = posterior_solve(model, post, C.per_example_grads(model, x_test, y_test))  # (M, P)
     return torch.cat([C.per_example_grads(model, x[s:s + chunk], y[s:s + chunk]) @ g_test.T
                       for s in range(0, len(x), chunk)])
 
 
-def lpntk_scores(model, x, y, x_test, y_test):
-    """S[i, j] = κ_lpNTK((x_i, y_i), (x_j, y_j)) (N, M), the labelled-pair NTK of :func:`mpe.kernels.features`."""
+def lpntk_scores(model, x, y, x_test, y_test, sketch: int | None = None):
+    """S[i, j] = κ_lpNTK((x_i, y_i), (x_j, y_j)) (N, M), the labelled-pair NTK of :func:`mpe.kernels.features`;
+    ``sketch``: through a count sketch of that width (large models: the exact features are N × P)."""
     from .kernels import features, gram
 
-    return gram(features(model, x, y), features(model, x_test, y_test))
+    return gram(features(model, x, y, sketch=sketch), features(model, x_test, y_test, sketch=sketch))
 
 
 def _dattri_task(model, checkpoints):
@@ -205,8 +219,11 @@ def dattri_scores(method: str, models, x, y, x_test, y_test, *, regularization: 
     from torch.utils.data import DataLoader, TensorDataset
 
     models = models if isinstance(models, (list, tuple)) else [models]
-    model = models[0]
-    ckpts = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
+    # dattri loads each checkpoint into its task's model in place: give it a copy of the first model, and checkpoints
+    # (parameters and buffers: batch-norm statistics) that share no tensors with it, or the first checkpoint would be
+    # overwritten by the others (its train and test gradients then from different models) and so would the caller's model
+    model = copy.deepcopy(models[0])
+    ckpts = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     if method in ("grad-dot", "grad-cos"):
         ckpts = ckpts[-1:]
     task, loss = _dattri_task(model, ckpts if len(ckpts) > 1 else ckpts[0])
@@ -275,7 +292,7 @@ def scores(method: str, model, x, y, x_test, y_test, **kw) -> tuple[torch.Tensor
     if method.startswith("mpe-"):
         s = mpe_scores(_first(model), x, y, x_test, y_test, posterior=method[4:], **kw)
     elif method == "lpntk":
-        s = lpntk_scores(_first(model), x, y, x_test, y_test)
+        s = lpntk_scores(_first(model), x, y, x_test, y_test, **kw)
     elif method in DATTRI:
         s = dattri_scores(method, model, x, y, x_test, y_test, **kw)
     else:
@@ -311,7 +328,7 @@ def self_scores(method: str, model, x, y, *, delta: float | None = None, batch_s
         from dattri import algorithm as A
         from torch.utils.data import DataLoader, TensorDataset
 
-        task, loss = _dattri_task(model, {k: v.detach() for k, v in model.named_parameters()})
+        task, loss = _dattri_task(model, {k: v.clone() for k, v in model.state_dict().items()})
         train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
         dev = str(next(model.parameters()).device)
         if method == "grad-dot":

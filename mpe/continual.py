@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import fsd
-from .data import Data, load, permute_pixels
+from .data import Data, keep_classes, load, permute_pixels
 from .train import predict, train
 
 __all__ = ["Task", "split_tasks", "split_cifar_tasks", "permuted_tasks", "benchmark", "BENCHMARKS", "METHODS",
@@ -48,18 +48,8 @@ class Task:
 
 def split_tasks(data: Data, groups=((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))) -> list[Task]:
     """Split MNIST: one task per class group, each with its own head (multi-head; labels relabelled 0..)."""
-    tasks = []
-    for g in groups:
-        g = list(g)
-
-        def part(x, y):
-            keep = torch.isin(y, torch.tensor(g))
-            relabel = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
-            relabel[torch.tensor(g)] = torch.arange(len(g))
-            return x[keep], relabel[y[keep]]
-
-        tasks.append(Task(*part(data.x_train, data.y_train), *part(data.x_test, data.y_test), outputs=g))
-    return tasks
+    return [Task(d.x_train, d.y_train, d.x_test, d.y_test, outputs=list(g))
+            for g, d in ((g, keep_classes(data, g)) for g in groups)]
 
 
 def split_cifar_tasks(cifar10: Data, cifar100: Data, n_tasks: int = 6) -> list[Task]:

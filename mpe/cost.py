@@ -34,7 +34,7 @@ MODEL_INPUTS = {"softmax_regression": _MNIST, "small_mlp": _MNIST, "large_mlp": 
                 "small_cnn": _MNIST, "lpntk_cnn": _MNIST, "mnist_example_cnn": _MNIST,
                 "toneva_mnist_cnn": _MNIST, "jiang_mlp": _MNIST, "laftr_mlp": _MNIST, "cnn_3c3d": _CIFAR,
                 "resnet20_frn": _CIFAR, "resnet18": _CIFAR, "resnet18_nobn": _CIFAR, "cifarnet": ((3, 32, 32), 60),
-                "wrn28_10": _CIFAR}
+                "wrn28_10": _CIFAR, "resnet9": ((3, 32, 32), 2)}
 
 
 def _sync(device: torch.device) -> None:

@@ -499,14 +499,15 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
     return data.described({"name": name} if dtype == torch.float32 else None)
 
 
-DATA_SPEC_KEYS = ("name", "n_train", "n_test", "seed", "permute", "flip", "flip_seed")
+DATA_SPEC_KEYS = ("name", "classes", "n_train", "n_test", "seed", "permute", "flip", "flip_seed")
 
 
 def from_spec(spec: dict) -> Data:
     """The data set that a JSON description names, as a retraining job's worker rebuilds it (loaded once per process).
 
     ``spec``: ``{"name": one of DATASETS, "n_train": int or None, "n_test": int or None, "seed": 0}`` gives
-    ``load(name).subset(n_train, n_test, seed)``; optional ``"permute": seed`` then permutes the pixels
+    ``load(name).subset(n_train, n_test, seed)``; optional ``"classes": [indices]`` first keeps only those classes
+    (:func:`keep_classes`; dattri's CIFAR-2 is ``"classes": [3, 5]``), ``"permute": seed`` then permutes the pixels
     (:func:`permute_pixels`) and ``"flip": fraction, "flip_seed": int`` flips that fraction of the training labels
     (:func:`flip_labels`). Unknown keys are an error, so a typo never silently names the whole data set. The result
     is shared by every job of this process that names it: read it, never change it in place."""
@@ -519,7 +520,10 @@ def from_spec(spec: dict) -> Data:
 @functools.lru_cache(maxsize=4)
 def _from_spec(blob: str) -> Data:
     spec = json.loads(blob)
-    data = load(spec["name"]).subset(spec.get("n_train"), spec.get("n_test"), spec.get("seed", 0))
+    data = load(spec["name"])
+    if spec.get("classes") is not None:
+        data = keep_classes(data, spec["classes"])
+    data = data.subset(spec.get("n_train"), spec.get("n_test"), spec.get("seed", 0))
     if spec.get("permute") is not None:
         data = permute_pixels(data, spec["permute"])
     if spec.get("flip"):
@@ -581,6 +585,24 @@ def flip_labels(y: torch.Tensor, fraction: float, n_classes: int, seed: int = 0)
     out = y.clone()
     out[idx] = (y[idx] + shift) % n_classes
     return out, torch.sort(idx).values
+
+
+def keep_classes(data: Data, classes) -> Data:
+    """Only the examples of ``classes`` (indices into ``data.classes``, at least two), relabelled 0, 1, … in the order
+    given; the examples keep their order. dattri's CIFAR-2 benchmark is CIFAR-10's cat and dog, ``[3, 5]``."""
+    classes = [int(c) for c in classes]
+    if len(classes) < 2 or len(set(classes)) < len(classes) or not all(0 <= c < data.n_classes for c in classes):
+        raise ValueError(f"classes must be at least two distinct indices in [0, {data.n_classes}), got {classes}")
+    relabel = torch.full((data.n_classes,), -1, dtype=torch.long)
+    relabel[torch.tensor(classes)] = torch.arange(len(classes))
+
+    def part(x, y):
+        keep = relabel[y.cpu()] >= 0
+        return x[keep.to(x.device)], relabel[y.cpu()[keep]].to(y.device)
+
+    plain = data.spec is not None and not set(data.spec) - {"name"}
+    return Data(data.name, *part(data.x_train, data.y_train), *part(data.x_test, data.y_test),
+                tuple(data.classes[c] for c in classes)).described(dict(data.spec, classes=classes) if plain else None)
 
 
 def permute_pixels(data: Data, seed: int = 0) -> Data:

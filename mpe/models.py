@@ -187,6 +187,22 @@ def resnet18(in_shape=(3, 32, 32), n_classes: int = 10, norm: str = "batch") -> 
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, n_classes))
 
 
+def resnet9(in_shape=(3, 32, 32), n_classes: int = 2, norm: str = "batch", width: int = 64) -> nn.Sequential:
+    """dattri's CIFAR-2 ResNet-9 (its benchmark, without dropout as there): a 3x3 stem of 64 channels with batch norm,
+    one basic block each of 128 (stride 1), 256 and 512 channels (stride 2; 1x1 convolution shortcuts), global average
+    pooling, linear; 4.8M parameters for two classes. ``width`` scales every width (64: the benchmark's; smaller for
+    smoke tests); ``norm="none"`` drops the batch norms (per-example curvature and vectorised retrains need none)."""
+    norms = {"batch": nn.BatchNorm2d, "none": lambda c: nn.Identity()}
+    if norm not in norms or width < 1:
+        raise ValueError(f"norm must be one of {', '.join(norms)} and width positive, got {norm!r}, {width}")
+    nf, w = norms[norm], width
+    layers, cin = [nn.Conv2d(in_shape[0], w, 3, 1, 1, bias=False), nf(w), nn.ReLU()], w
+    for cout, stride in [(2 * w, 1), (4 * w, 2), (8 * w, 2)]:
+        layers.append(_BasicBlock(cin, cout, stride, nf))
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, n_classes))
+
+
 class _WideBlock(nn.Module):
     """Pre-activation wide block: BN-ReLU-conv3x3-dropout-BN-ReLU-conv3x3; a 1x1 conv of the activated input as the
     shortcut when the shape changes."""
@@ -245,6 +261,7 @@ MODELS = {
     "toneva_mnist_cnn": toneva_mnist_cnn,
     "jiang_mlp": lambda in_shape=(1, 28, 28), n_classes=10: mlp(in_shape, (512, 256), n_classes, "relu"),
     "resnet18": resnet18,
+    "resnet9": resnet9,
     "resnet18_nobn": lambda in_shape=(3, 32, 32), n_classes=10: resnet18(in_shape, n_classes, "none"),
     "cifarnet": cifarnet,
     "wrn28_10": wide_resnet,

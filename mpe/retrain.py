@@ -339,8 +339,10 @@ EVALUATIONS = {  # what a retrained model reports, by name: (model, Data, its ca
     "learning_difficulty": lambda m, d, cb: cb[0].total,
     "el2n_history": lambda m, d, cb: torch.stack(cb[0].history),
     # all of a reference run at once (mpe.attribution), so that one training serves the model and its dynamics: θ,
-    # right (1) or wrong (0) at every visit (epochs, kept; forgetting events, CBTL) and EL2N at every visit
-    "reference": lambda m, d, cb: {"parameters": flat_params(m).cpu(), "visit_correct": torch.stack(cb[0].history),
+    # its buffers (batch-norm statistics: a list in model.buffers() order), right (1) or wrong (0) at every visit
+    # (epochs, kept; forgetting events, CBTL) and EL2N at every visit
+    "reference": lambda m, d, cb: {"parameters": flat_params(m).cpu(), "buffers": [b.cpu() for b in m.buffers()],
+                                   "visit_correct": torch.stack(cb[0].history),
                                    "el2n_history": torch.stack(cb[1].history)},
 }
 RECORDERS = {  # the callbacks that the evaluations above read, made anew for each run on n kept examples

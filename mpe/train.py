@@ -190,8 +190,9 @@ def _check_recipe(optimizer, schedule, loss, augment, nesterov, epochs, lr):
         raise ValueError(f"unknown augmentation {augment!r}; valid choices: {', '.join(AUGMENTATIONS)}")
     if nesterov and optimizer != "sgd":
         raise ValueError("nesterov momentum is an SGD option")
-    if epochs < 0 or lr <= 0:
-        raise ValueError(f"need epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
+    if epochs < 0 or lr < 0 or (lr == 0 and optimizer != "ivon"):
+        raise ValueError(f"need epochs >= 0 and lr > 0 (lr = 0 for IVON only: its Hessian estimated at a fixed mean), "
+                         f"got epochs={epochs}, lr={lr}")
 
 
 def _make_schedule(name, opt, *, epochs, lr_min, step_size, gamma, milestones):

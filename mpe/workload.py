@@ -529,5 +529,10 @@ def _compare_attribution(p):  # the reference models (clean, flipped labels; the
     n, e, b, m = p["n_train"], p["epochs"], p["batch_size"], p["model"]  # dynamics_scores) and TRAK-k's other models;
     k = len(p["orders"])                # in every order the full-data run and each leave-one-out retrain; LDS subsets
     ensemble = p["trak_models"] - 1 if "trak" in p["methods"] else 0
-    return [Runs(m, 2 + k + ensemble, n, e, b, stacked=True), Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
+    runs = [Runs(m, 2 + k + ensemble, n, e, b, stacked=True), Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
             Runs(m, p["n_subsets"], int(round(p["subset_fraction"] * n)), e, b, stacked=True)]
+    if "mpe-iblr" in p["methods"]:  # IVON at the trained model (lr 0) for iBLR's variance
+        from .sensitivity import IBLR_EPOCHS
+
+        runs.append(Runs(m, 1, n, IBLR_EPOCHS, min(b, n)))
+    return runs

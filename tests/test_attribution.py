@@ -223,3 +223,19 @@ def test_self_scores():
     assert r > 0.95, r
     trak, _ = A.self_scores("trak", net, x, y)
     assert trak.shape == (len(x),)  # dattri's own is (N, 1)
+
+
+def test_trak_ensemble_is_symmetric_in_its_checkpoints_and_leaves_them_unchanged():
+    """TRAK-k averages over its checkpoints, so their order cannot matter; dattri loads each checkpoint into the first
+    model in place, so a checkpoint sharing that model's tensors would be overwritten (train and test gradients of
+    one checkpoint then come from different models) and the scores would depend on the order."""
+    pytest.importorskip("dattri")
+    x, y, xt, yt = _toy()
+    nets = [_fit(x, y, 1.0).float(), _fit(x, y, 1.0, seed=1).float()]
+    with torch.no_grad():
+        nets[1][-1].weight.mul_(-0.5)  # a second checkpoint unlike the first
+    before = [flat_params(n).clone() for n in nets]
+    ab, _ = A.scores("trak", nets, x, y, xt, yt)
+    ba, _ = A.scores("trak", nets[::-1], x, y, xt, yt)
+    assert all(torch.equal(flat_params(n), b) for n, b in zip(nets, before))
+    torch.testing.assert_close(ab, ba, rtol=1e-3, atol=1e-6)

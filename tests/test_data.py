@@ -392,10 +392,11 @@ def test_provision_without_any_source_names_the_fixes(tmp_path, monkeypatch):
 def test_data_carries_the_description_that_rebuilds_it():
     from dataclasses import replace
 
-    from mpe.data import flip_labels, from_spec, load, permute_pixels
+    from mpe.data import flip_labels, from_spec, keep_classes, load, permute_pixels
 
     d = load("digits")
-    variants = [d, d.subset(200, 100, seed=3), permute_pixels(d.subset(200, 100, seed=3), seed=5), d.to("cpu")]
+    variants = [d, d.subset(200, 100, seed=3), permute_pixels(d.subset(200, 100, seed=3), seed=5), d.to("cpu"),
+                keep_classes(d, [5, 3]).subset(40, 20, seed=2)]
     for v in variants:
         w = from_spec(v.spec)
         assert w.name == v.name and w.classes == v.classes
@@ -409,3 +410,16 @@ def test_data_carries_the_description_that_rebuilds_it():
     assert load("digits", dtype=torch.float64).spec is None
     with pytest.raises(ValueError, match="a data spec needs"):
         from_spec(dict(name="digits", n_trian=10))
+
+
+def test_keep_classes_relabels_in_the_given_order_and_keeps_example_order():
+    d = D.load("digits")
+    two = D.keep_classes(d, [5, 3])
+    assert two.classes == ("5", "3") and two.spec == {"name": "digits", "classes": [5, 3]}
+    for x, y, x2, y2 in ((d.x_train, d.y_train, two.x_train, two.y_train), (d.x_test, d.y_test, two.x_test, two.y_test)):
+        keep = (y == 5) | (y == 3)
+        assert torch.equal(x2, x[keep]) and torch.equal(y2, (y[keep] == 3).long())  # 5 -> 0, 3 -> 1
+    assert D.keep_classes(d.subset(100), [0, 1]).spec is None  # classes of a subset: not nameable
+    for bad in ([3], [3, 3], [3, 10], [-1, 2]):
+        with pytest.raises(ValueError, match="at least two distinct"):
+            D.keep_classes(d, bad)

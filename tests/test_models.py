@@ -40,3 +40,23 @@ def test_unknown_model_lists_choices():
 def test_seed_fixes_initialisation():
     a, b = get_model("lenet5", (1, 28, 28), seed=3), get_model("lenet5", (1, 28, 28), seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_resnet9_is_dattris_cifar2_network():
+    """Parameter count of dattri's ResNet9(num_classes=2), and, where dattri is installed, the same function: its
+    weights and batch-norm statistics copied in order give the same logits."""
+    net = get_model("resnet9", (3, 32, 32), 2, seed=0)
+    assert n_params(net) == 4_825_154
+    assert n_params(get_model("resnet9", (3, 32, 32), 2, width=4)) < 30_000
+    resnet9 = pytest.importorskip("dattri.benchmark.models.resnet9.resnet9")
+    theirs = resnet9.ResNet9(num_classes=2, dropout_rate=0.0)
+    ours, their_state = net.state_dict(), theirs.state_dict()
+    assert [v.shape for v in ours.values()] == [v.shape for v in their_state.values()]
+    g = torch.Generator().manual_seed(1)
+    state = {k: (torch.rand(v.shape, generator=g) + 0.5 if v.is_floating_point() else v) for k, v in ours.items()}
+    net.load_state_dict(state)
+    theirs.load_state_dict(dict(zip(their_state, state.values())))
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    torch.testing.assert_close(net.eval()(x), theirs.eval()(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="norm must be"):
+        get_model("resnet9", (3, 32, 32), 2, norm="layer")

@@ -344,3 +344,32 @@ def test_removal_study_truth_is_a_warm_started_retrain_with_the_given_recipe(f64
         keep = torch.arange(30) != i
         assert truth.item() == pytest.approx((retrained(keep)[i] - ref[i]).abs().sum().item(), rel=1e-9)
     assert study["truth_check"] is None and truth > 0
+
+
+def test_iblr_posterior_is_ivons_hessian_estimate_at_a_fixed_mean():
+    """Least squares has the constant Hessian diag(mean x_d²) per weight and 1 per bias (per example, ½‖f − y‖²):
+    IVON run at lr 0 must find it from its one-sample estimates, whatever h0, and leave the model as it was."""
+    from mpe.sensitivity import iblr_posterior
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    x = torch.randn(n, 3, generator=g) * torch.tensor([0.5, 1.0, 2.0])
+    y = x @ torch.randn(3, 2, generator=g) + 0.05 * torch.randn(n, 2, generator=g)
+    model = nn.Linear(3, 2)
+    with torch.no_grad():  # the least-squares solution, so that minibatch gradients at the mean are small
+        sol = torch.linalg.lstsq(torch.cat([x, torch.ones(n, 1)], 1), y).solution
+        model.weight.copy_(sol[:3].T)
+        model.bias.copy_(sol[3])
+    before = [p.detach().clone() for p in model.parameters()]
+    delta = 1.0
+    post = iblr_posterior(model, x, y, delta, epochs=100, window=20, batch_size=20, loss="squared")
+    h = (post.data - delta) / n
+    want = torch.cat([(x ** 2).mean(0).repeat(2), torch.ones(2)])  # weight (2, 3) row-major, then bias (2,)
+    rel = (h / want - 1).abs()
+    assert post.kind == "diag" and post.delta == pytest.approx(delta)
+    assert rel.mean() < 0.1 and rel.max() < 0.25, rel
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="window <= epochs"):
+        iblr_posterior(model, x, y, delta, epochs=2, window=3, loss="squared")
+    with pytest.raises(ValueError, match="lr = 0 for IVON only"):
+        train(model, x, y, epochs=1, lr=0.0, loss="squared")
