@@ -133,3 +133,11 @@ class _Params:
 
     def parameters(self):
         return iter(self.params.values())
+
+
+def test_lbfgs_pbrf_refuses_float32():
+    """In float32 the L-BFGS solve at eps = 1/N stops near its start without any sign of failure: refused."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3))
+    x, y = torch.randn(5, 1, 1, 3), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="float64"):
+        pbrf(model, x[:1], y[:1], lambda net: (net[1].weight ** 2).sum(), eps=0.2)
