@@ -9,6 +9,9 @@ flipped label). :func:`scores` is the one entry point, by method name (:data:`ME
   θ_{\i} − θ_* ≈ S⁻¹ ∇ℓ_i (the memory-perturbation equation at ε_i = −1, S the Laplace GGN precision Σ_i G_i + δI
   of :mod:`mpe.curvature`), so ΔL_j ≈ ∇ℓ_jᵀ S⁻¹ ∇ℓ_i; ``mpe-iblr`` the same with iBLR's own diagonal variance,
   IVON's Hessian estimated at the trained model (:func:`mpe.sensitivity.iblr_posterior`);
+- ``pbrf``, ``pbrf-laftr`` (Bae et al.; Dhawan et al.): the proximal Bregman response function of removing i,
+  solved from θ_* with the full-data KL as its data term, or with LAFTR's data-free estimate of it
+  (:func:`pbrf_scores`; one L-BFGS solve per scored row, so only the rows asked for);
 - ``lpntk`` (Guo et al.): the labelled-pair kernel κ(x_i, y_i; x_j, y_j) of :func:`mpe.kernels.features`, the
   first-order effect of a gradient step on i on the loss of j, without curvature;
 - ``if-explicit``, ``if-cg``, ``if-lissa``, ``if-arnoldi``, ``tracin``, ``grad-dot``, ``grad-cos``, ``trak``: the
@@ -45,7 +48,7 @@ __all__ = ["METHODS", "DATTRI", "SELF", "DYNAMICS", "self_scores", "dynamics_sco
            "reference_models", "loo_truth", "lds_subsets", "lds_truth", "scores", "posterior_solve", "mpe_scores",
            "lpntk_scores", "dattri_scores", "evaluate"]
 
-OURS = ("mpe-full", "mpe-kfac", "mpe-diag", "mpe-iblr", "lpntk")
+OURS = ("mpe-full", "mpe-kfac", "mpe-diag", "mpe-iblr", "lpntk", "pbrf", "pbrf-laftr")
 DATTRI = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "tracin", "grad-dot", "grad-cos", "trak")
 METHODS = OURS + DATTRI
 SELF = ("loss", "mpe-sensitivity", "mpe-self", "grad-dot", "trak")  # self scores for flipped labels (larger: suspect)
@@ -189,6 +192,35 @@ def lpntk_scores(model, x, y, x_test, y_test, sketch: int | None = None):
     return gram(features(model, x, y, sketch=sketch), features(model, x_test, y_test, sketch=sketch))
 
 
+def pbrf_scores(model, x, y, x_test, y_test, *, damping: float, rows=None, term: str = "true", steps: int = 50,
+                n_samples: int = 2000, seed: int = 0, eps: float | None = None, progress: bool = False):
+    """S[i, j] = (L_j(θ_i) − L_j(θ_*)) / (εN) (N, M) for the training examples ``rows`` (default: all; NaN elsewhere),
+    θ_i the PBRF of removing i (:func:`mpe.influence.pbrf` on the mean-loss scale, ε = 1/N unless given: one
+    example's weight; proximal damping ``damping``; in float64) with the data term ``term`` of
+    :func:`mpe.influence.data_terms` ("true": the KL over the training inputs; "laftr": LAFTR's estimate from
+    ``n_samples`` Gaussian inputs). A diverged solve leaves its row NaN."""
+    from .influence import data_terms, pbrf
+
+    net = copy.deepcopy(model).double().eval()
+    x, x_test = x.double(), x_test.double()
+    data_term = data_terms(net, x, [term], n_samples=n_samples, seed=seed)[term]
+    rows = range(len(x)) if rows is None else [int(i) for i in rows]
+    with torch.no_grad():
+        base = F.cross_entropy(net(x_test), y_test, reduction="none")
+    out = torch.full((len(x), len(x_test)), float("nan"), dtype=torch.float64)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc=f"PBRF solves ({term})", leave=False)
+    eps = 1 / len(x) if eps is None else eps
+    for i in rows:
+        solved = pbrf(net, x[i:i + 1], y[i:i + 1], data_term, eps=eps, damping=damping, steps=steps)
+        if not solved.pbrf["diverged"]:
+            with torch.no_grad():
+                out[i] = (F.cross_entropy(solved(x_test), y_test, reduction="none") - base) / (eps * len(x))
+    return out
+
+
 def _dattri_task(model, checkpoints):
     from dattri.task import AttributionTask
     from torch.func import functional_call
@@ -291,6 +323,8 @@ def scores(method: str, model, x, y, x_test, y_test, **kw) -> tuple[torch.Tensor
     t = time.perf_counter()
     if method.startswith("mpe-"):
         s = mpe_scores(_first(model), x, y, x_test, y_test, posterior=method[4:], **kw)
+    elif method in ("pbrf", "pbrf-laftr"):
+        s = pbrf_scores(_first(model), x, y, x_test, y_test, term="true" if method == "pbrf" else "laftr", **kw)
     elif method == "lpntk":
         s = lpntk_scores(_first(model), x, y, x_test, y_test, **kw)
     elif method in DATTRI:
@@ -371,7 +405,8 @@ def per_test_correlations(score: torch.Tensor, truth: tuple, kind: str) -> np.nd
         return _columnwise_pearson(s[idx.astype(int)], values)
     if kind == "lds":
         predicted = -np.stack([s[row.astype(int)].sum(0) for row in idx])  # (S, M): more help, lower loss
-        return _columnwise_pearson(_rank(predicted), _rank(values))
+        r = _columnwise_pearson(_rank(predicted), _rank(values))
+        return np.where(np.isfinite(predicted).all(0), r, np.nan)  # a score missing in a subset (NaN rows): none
     raise ValueError(f"unknown kind {kind!r}; valid: loo, lds")
 
 

@@ -239,3 +239,22 @@ def test_trak_ensemble_is_symmetric_in_its_checkpoints_and_leaves_them_unchanged
     ba, _ = A.scores("trak", nets[::-1], x, y, xt, yt)
     assert all(torch.equal(flat_params(n), b) for n, b in zip(nets, before))
     torch.testing.assert_close(ab, ba, rtol=1e-3, atol=1e-6)
+
+
+def test_pbrf_scores_are_the_mpe_to_first_order_and_only_for_their_rows():
+    """With the full-data KL as data term, the PBRF of up-weighting i by ε moves θ by ε (G/N + λ)⁻¹ g_i to first
+    order, so that per example's weight it is the MPE with the full GGN and δ = λN (a convex model, so the solves
+    converge): equal at a small ε, close at one example's weight ε = 1/N. Rows not asked for are NaN, and so is any
+    LDS that needs them."""
+    x, y, xt, yt = _toy(n=80)
+    damping = 0.05
+    net = _fit(x, y, damping * len(x))
+    rows = [0, 3, 7, 11]
+    want = A.mpe_scores(net, x.double(), y, xt.double(), yt, posterior="full", delta=damping * len(x))[rows]
+    small = A.pbrf_scores(net, x, y, xt, yt, damping=damping, rows=rows, eps=1e-4)
+    assert ((small[rows] - want).norm() / want.norm()).item() < 0.02  # the diagonal GGN's MPE is 49 % off
+    got = A.pbrf_scores(net, x, y, xt, yt, damping=damping, rows=rows)
+    assert torch.isnan(got[[i for i in range(len(x)) if i not in rows]]).all()
+    assert np.corrcoef(got[rows].ravel(), want.ravel())[0, 1] > 0.99  # second order at ε = 1/80: a few per cent
+    subsets = A.lds_subsets(len(x), 10, 0.5)
+    assert np.isnan(A.per_test_correlations(got, (torch.randn(10, len(xt)), subsets), "lds")).all()
