@@ -410,6 +410,18 @@ def per_test_correlations(score: torch.Tensor, truth: tuple, kind: str) -> np.nd
     raise ValueError(f"unknown kind {kind!r}; valid: loo, lds")
 
 
+def truth_agreement(a: torch.Tensor, b: torch.Tensor, kind: str) -> np.ndarray:
+    """(M,) how well two ground truths of the same removals agree (e.g. retrained in two minibatch orders), per test
+    example: Pearson over removed examples of ΔL (k, M) for ``kind`` "loo", Spearman over subsets of L_T (S, M) for
+    "lds", as the metrics read a score: what no score of one training run can much exceed."""
+    a, b = (t.detach().cpu().double().numpy() for t in (a, b))
+    if kind == "loo":
+        return _columnwise_pearson(a, b)
+    if kind == "lds":
+        return _columnwise_pearson(_rank(a), _rank(b))
+    raise ValueError(f"unknown kind {kind!r}; valid: loo, lds")
+
+
 def evaluate(score: torch.Tensor, truth: tuple, kind: str, n_boot: int = 1000, seed: int = 0):
     """The mean over test examples of :func:`per_test_correlations`, with a bootstrap interval over test examples
     (:class:`mpe.stats.Estimate`). Test examples whose ground truth does not vary are left out (NaN correlation)."""

@@ -26,7 +26,7 @@ import torch
 from .models import get_model
 from .train import train
 
-__all__ = ["MODEL_INPUTS", "step_time", "step_times", "sweep_times"]
+__all__ = ["MODEL_INPUTS", "peak_memory", "step_time", "step_times", "sweep_times"]
 
 # input shape and classes each model is built for in the paper profiles
 _MNIST, _CIFAR = ((1, 28, 28), 10), ((3, 32, 32), 10)
@@ -79,6 +79,60 @@ def step_times(models, batch_sizes, device="cpu", steps: int = 20, progress: boo
         rows.append(dict(model=m, batch_size=b, params=n_params, s_per_step=t, examples_per_s=b / t,
                          epochs_per_hour_60k=3600 / (math.ceil(60000 / b) * t)))
     return rows
+
+
+class peak_memory:
+    """``with peak_memory(device) as m: ...`` then ``m.bytes``: the most memory the block held above what was in use
+    when it began. On CUDA from torch's allocator statistics (exact); on a CPU from the process's resident set size,
+    sampled every ``interval`` seconds in a thread (psutil), after handing the C heap's free memory back to the system
+    (glibc's ``malloc_trim``, where there is one) so that memory freed before the block and reused in it counts; a
+    peak shorter than the interval can be missed."""
+
+    def __init__(self, device="cpu", interval: float = 0.005):
+        self.device, self.interval, self.bytes = torch.device(device), interval, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        import threading
+
+        import psutil
+
+        _trim_heap()
+        process, self._stop = psutil.Process(), threading.Event()
+        self._start = self._peak = process.memory_info().rss
+
+        def sample():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, process.memory_info().rss)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.bytes = max(0, self._peak - self._start)
+        return False
+
+
+def _trim_heap() -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _timed(fn) -> float:

@@ -279,9 +279,12 @@ def iblr_posterior(model, x: torch.Tensor, y: torch.Tensor, delta: float, *, epo
         raise ValueError(f"need 0 < window <= epochs, batch_size >= 1 and delta > 0; got window={window}, "
                          f"epochs={epochs}, batch_size={batch_size}, delta={delta}")
     batch_size = min(batch_size, len(x))
-    state = train(copy.deepcopy(model), x, y, epochs=epochs, lr=0.0, optimizer="ivon", batch_size=batch_size,
-                  delta=delta, seed=seed, schedule="constant", hess_init=delta / len(x),
-                  beta2=1 - batch_size / (len(x) * window), loss=loss)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # IVON draws from the global generator: seeded here, restored after
+        torch.manual_seed(seed)
+        state = train(copy.deepcopy(model), x, y, epochs=epochs, lr=0.0, optimizer="ivon", batch_size=batch_size,
+                      delta=delta, seed=seed, schedule="constant", hess_init=delta / len(x),
+                      beta2=1 - batch_size / (len(x) * window), loss=loss)
     return C.ivon_posterior(state.optimizer)
 
 

@@ -528,11 +528,12 @@ def estimate(runs: list[Runs], table: dict | None = None) -> dict:
 def _compare_attribution(p):  # the reference models (clean, flipped labels; the flipped run's record also gives
     n, e, b, m = p["n_train"], p["epochs"], p["batch_size"], p["model"]  # dynamics_scores) and TRAK-k's other models;
     k = len(p["orders"])                # in every order the full-data run and each leave-one-out retrain; LDS subsets
+    #                                     in the first order, and again in the second (the truth's own noise)
     ensemble = p["trak_models"] - 1 if "trak" in p["methods"] else 0
     runs = [Runs(m, 2 + k + ensemble, n, e, b, stacked=True), Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
-            Runs(m, p["n_subsets"], int(round(p["subset_fraction"] * n)), e, b, stacked=True)]
-    if "mpe-iblr" in p["methods"]:  # IVON at the trained model (lr 0) for iBLR's variance
+            Runs(m, p["n_subsets"] * min(k, 2), int(round(p["subset_fraction"] * n)), e, b, stacked=True)]
+    if "mpe-iblr" in p["methods"]:  # IVON at the trained model (lr 0) for iBLR's variance, once per IVON seed
         from .sensitivity import IBLR_EPOCHS
 
-        runs.append(Runs(m, 1, n, IBLR_EPOCHS, min(b, n)))
+        runs.append(Runs(m, p["iblr_seeds"], n, IBLR_EPOCHS, min(b, n)))
     return runs

@@ -84,6 +84,15 @@ def test_correlations_by_hand():
     assert est.lo <= est.value <= est.hi and abs(est.value - 1) < 1e-12
 
 
+def test_truth_agreement_by_hand():
+    a = torch.tensor([[1.0, 2.0], [2.0, 1.0], [3.0, 5.0]])
+    b = torch.tensor([[2.0, 0.0], [4.0, 3.0], [6.0, 1.0]])
+    np.testing.assert_allclose(A.truth_agreement(a, b, "loo"), [1.0, np.corrcoef(a[:, 1], b[:, 1])[0, 1]])
+    np.testing.assert_allclose(A.truth_agreement(a, b ** 3, "lds"), [1.0, -0.5])  # ranks (2, 1, 3) and (1, 3, 2)
+    with pytest.raises(ValueError, match="unknown kind"):
+        A.truth_agreement(a, b, "auc")
+
+
 def test_ground_truth_keeps_the_order():
     base = A.base_spec({"name": "digits"}, {"name": "softmax_regression"}, {"epochs": 1, "lr": 0.1, "shuffle": False})
     perm = A.order(10, seed=3)

@@ -22,3 +22,17 @@ def test_every_model_has_an_input_shape_and_bad_requests_fail():
         cost.step_time("alexnet", 8)
     with pytest.raises(ValueError, match="positive"):
         cost.step_time("small_mlp", 0)
+
+
+def test_peak_memory_sees_what_a_block_holds_and_not_what_it_does_not():
+    import time
+
+    import torch
+
+    with cost.peak_memory() as held:
+        x = torch.ones(50_000_000)  # 200 MB, held for 20 samples
+        time.sleep(0.1)
+        del x
+    with cost.peak_memory() as idle:
+        time.sleep(0.1)
+    assert held.bytes > 150e6 and idle.bytes < 20e6, (held.bytes, idle.bytes)

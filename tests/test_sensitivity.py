@@ -369,6 +369,9 @@ def test_iblr_posterior_is_ivons_hessian_estimate_at_a_fixed_mean():
     assert post.kind == "diag" and post.delta == pytest.approx(delta)
     assert rel.mean() < 0.1 and rel.max() < 0.25, rel
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    torch.rand(3)  # whatever the global generator did before, the same seed gives the same estimate
+    again = iblr_posterior(model, x, y, delta, epochs=100, window=20, batch_size=20, loss="squared")
+    assert torch.equal(again.data, post.data)
     with pytest.raises(ValueError, match="window <= epochs"):
         iblr_posterior(model, x, y, delta, epochs=2, window=3, loss="squared")
     with pytest.raises(ValueError, match="lr = 0 for IVON only"):
