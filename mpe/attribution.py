@@ -413,7 +413,8 @@ def per_test_correlations(score: torch.Tensor, truth: tuple, kind: str) -> np.nd
 def truth_agreement(a: torch.Tensor, b: torch.Tensor, kind: str) -> np.ndarray:
     """(M,) how well two ground truths of the same removals agree (e.g. retrained in two minibatch orders), per test
     example: Pearson over removed examples of ΔL (k, M) for ``kind`` "loo", Spearman over subsets of L_T (S, M) for
-    "lds", as the metrics read a score: what no score of one training run can much exceed."""
+    "lds", as the metrics read a score. If both are one signal plus independent noise and agree at r, the signal
+    itself reaches √r against either: the ceiling of a score."""
     a, b = (t.detach().cpu().double().numpy() for t in (a, b))
     if kind == "loo":
         return _columnwise_pearson(a, b)

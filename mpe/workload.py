@@ -530,7 +530,8 @@ def _compare_attribution(p):  # the reference models (clean, flipped labels; the
     k = len(p["orders"])                # in every order the full-data run and each leave-one-out retrain; LDS subsets
     #                                     in the first order, and again in the second (the truth's own noise)
     ensemble = p["trak_models"] - 1 if "trak" in p["methods"] else 0
-    runs = [Runs(m, 2 + k + ensemble, n, e, b, stacked=True), Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
+    runs = [Runs(m, 2 + (k > 1) + k + ensemble, n, e, b, stacked=True),  # the flipped labels in a second order too
+            Runs(m, k * p["n_loo"], n - 1, e, b, stacked=True),
             Runs(m, p["n_subsets"] * min(k, 2), int(round(p["subset_fraction"] * n)), e, b, stacked=True)]
     if "mpe-iblr" in p["methods"]:  # IVON at the trained model (lr 0) for iBLR's variance, once per IVON seed
         from .sensitivity import IBLR_EPOCHS
