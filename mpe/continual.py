@@ -48,8 +48,11 @@ class Task:
 
 def split_tasks(data: Data, groups=((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))) -> list[Task]:
     """Split MNIST: one task per class group, each with its own head (multi-head; labels relabelled 0..)."""
-    return [Task(d.x_train, d.y_train, d.x_test, d.y_test, outputs=list(g))
-            for g, d in ((g, keep_classes(data, g)) for g in groups)]
+    tasks = []
+    for g in groups:
+        part = keep_classes(data, g)
+        tasks.append(Task(part.x_train, part.y_train, part.x_test, part.y_test, outputs=list(g)))
+    return tasks
 
 
 def split_cifar_tasks(cifar10: Data, cifar100: Data, n_tasks: int = 6) -> list[Task]:
