@@ -36,7 +36,12 @@ def pbrf(model: nn.Module, x_m: torch.Tensor, y_m: torch.Tensor, data_term, *, e
       a multi-layer net — the logits grow faster than quadratically in Δθ, so −εL falls faster than the term rises.
       Its PBRF is then taken with the loss linearised at θˢ (linear response), exactly:
       Δθ = ε (Ĝ + λI)⁻¹ g, g = ∇_θ L(x_m, y_m; θˢ).
-    - Any other term: L-BFGS (``steps`` iterations, strong-Wolfe line search). The objective is unbounded below for
+    - Any other term: L-BFGS (``steps`` iterations, strong-Wolfe line search, a history of 100 pairs) in the
+      variables u = Δθ / r on the objective divided by g₀r, where g₀ = ε‖g‖ is its gradient at θˢ and r = g₀/λ the
+      longest step a convex data term allows: the gradient in u starts at norm 1 and the answer is of size ≤ 1 for
+      every example, so that L-BFGS's absolute tolerances and its first step mean the same for each. In θ itself a
+      confident example's objective moves by 1e-15 or less and L-BFGS stopped near its start, leaving self-influences
+      10-100x too small (digits MLP, LAFTR's term; `tests/test_influence.py`). The objective is unbounded below for
       a multi-layer net with these terms too (the logits grow polynomially in Δθ, the proximal term quadratically),
       and L-BFGS can run away along such a direction: a solve that ends outside the radius 10 ε‖g‖/λ (ε‖g‖/λ bounds
       the step for any convex data term) counts as diverged.
@@ -74,16 +79,26 @@ def pbrf(model: nn.Module, x_m: torch.Tensor, y_m: torch.Tensor, data_term, *, e
             # 0.85-1.0 and a step 10x too short in float32; 0.004 and the linear response's step in float64)
             raise ValueError("the PBRF's L-BFGS solve needs a float64 model (model.double(), and data terms built "
                              "on it): in float32 it stops near its start at small eps")
-        opt = torch.optim.LBFGS(net.parameters(), max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+        flat_s = torch.nn.utils.parameters_to_vector(theta_s)
+        r = (g0 / damping if damping > 0 else 1.0) or 1.0  # the natural length of the step (see above)
+        scale = (g0 * r) or 1.0
+        u = torch.zeros_like(flat_s, requires_grad=True)
+        opt = torch.optim.LBFGS([u], max_iter=steps, history_size=100, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-10, tolerance_change=1e-14)
 
-        def closure():
-            opt.zero_grad()
-            obj = objective()
+        def closure():  # θ = θˢ + r u, and ∂obj/∂u = r ∂obj/∂θ
+            with torch.no_grad():
+                torch.nn.utils.vector_to_parameters(flat_s + r * u, net.parameters())
+            net.zero_grad()
+            obj = objective() / scale
             obj.backward()
-            return obj
+            u.grad = r * torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                    for p in net.parameters()])
+            return obj.detach()
 
         opt.step(closure)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(flat_s + r * u, net.parameters())
     with torch.no_grad():
         moved = torch.sqrt(sum(((p - p0) ** 2).sum() for p, p0 in zip(net.parameters(), theta_s))).item()
     bound = g0 / damping if damping > 0 else float("inf")

@@ -30,6 +30,34 @@ def test_pbrf_small_eps_is_the_damped_influence_direction():
     torch.testing.assert_close(flat_params(model), theta_s)  # the trained model is untouched
 
 
+def test_pbrf_of_a_confident_example_converges():
+    """A confident example's gradient is small, and so are the objective's changes at eps = 1/N (here 5e-11): L-BFGS
+    in theta once stopped such a solve near its start (relative error 1.0 here). Solved in its own units, it reaches
+    the first-order response eps (H + lambda I)^-1 g of an ill-conditioned quadratic data term (condition number
+    5e4; where the first order is exact to about 1e-4)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3)).double()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([10.0, 0.0, 0.0]))  # p(class 0) = 1 - 9e-5
+    x, y = torch.randn(1, 1, 1, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    H = torch.diag(torch.logspace(-3, 2, 12, dtype=torch.float64))
+    theta_s = flat_params(model)
+
+    def term(net):
+        d = flat_params_graph(net) - theta_s
+        return 0.5 * d @ H @ d
+
+    eps, damping = 1e-3, 1e-3
+    net = pbrf(model, x, y, term, eps=eps, damping=damping, steps=100)
+    loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))])
+    assert 0 < g.norm() < 1e-3
+    want = eps * torch.linalg.solve(H + damping * torch.eye(12, dtype=torch.float64), g)
+    assert (flat_params(net) - theta_s - want).norm() < 1e-3 * want.norm()
+    assert net.pbrf["grad_ratio"] < 1e-2 and not net.pbrf["diverged"]
+
+
 def flat_params_graph(net):
     return torch.cat([p.reshape(-1) for p in net.parameters()])
 
