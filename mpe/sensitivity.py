@@ -16,6 +16,8 @@ Three forms of the estimate (``form=``):
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -273,7 +275,6 @@ def iblr_posterior(model, x: torch.Tensor, y: torch.Tensor, delta: float, *, epo
     not a hand-set h0 (issue #14 item 1). Being an expectation under q, h exceeds the Hessian at the mean where q
     is wide. ``x`` (N, ...), ``y`` (N,) (or targets (N, K) for ``loss="squared"``: :func:`mpe.train.train`).
     """
-    import copy
 
     if not 0 < window <= epochs or batch_size < 1 or delta <= 0:
         raise ValueError(f"need 0 < window <= epochs, batch_size >= 1 and delta > 0; got window={window}, "
