@@ -19,7 +19,7 @@ TORCH_INDEX ?=
 
 help:  ## list the targets
 	@echo "make figures [PROFILE=quick|paper] [DEVICE=cpu|cuda|mps|auto] [JOBS=2]  run every notebook -> figures/<profile>/"
-	@echo "                       PROFILE=paper also runs each notebook's variants (params/paper/<id>-<variant>.yaml)"
+	@echo "                       each notebook's variants of the profile too (params/<profile>/<id>-<variant>.yaml)"
 	@echo "make figures-<paper>   only one paper's notebooks ($(PAPERS))"
 	@echo "make test              unit tests + nbval regression checks of every notebook (quick profile)"
 	@echo "make test-kernels      one notebook per paper under torch's portable CPU kernels (part of make test)"
@@ -60,7 +60,7 @@ $(addprefix figures-,$(PAPERS)): figures-%: env data-quick
 	@$(MAKE) -k -j$(JOBS) --no-print-directory $(filter build/$(PROFILE)/$*/%,$(EXECUTED)); rc=$$?; \
 	$(PY) -m mpe.harness summary --profile $(PROFILE); exit $$rc
 
-build/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(wildcard mpe/*.py) $(wildcard params/paper/*.yaml) | env
+build/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(wildcard mpe/*.py) $(wildcard params/$(PROFILE)/*.yaml) | env
 	$(PY) -m mpe.harness run $< --profile $(PROFILE) --device $(DEVICE) $(PARAMS)
 
 # Figures written while testing go to build/test-figures, not into the tracked figures/.

@@ -15,7 +15,9 @@ A notebook ``notebooks/<paper>/<id>_<what>.ipynb`` has the id ``<paper>-<id>``; 
 **Variants.** Where a paper runs the same figure in a second setting (CIFAR-10 / ResNet-18 beside MNIST), the
 setting is a self-contained file ``params/paper/<paper>-<id>-<variant>.yaml`` (plus its shrunk smoke test under
 ``params/shrunk/``). The notebook receives ``variant="<variant>"`` and writes its outputs under the figure id
-``<paper>-<id>-<variant>`` (:func:`figure_id`). ``make figures PROFILE=paper`` runs every variant.
+``<paper>-<id>-<variant>`` (:func:`figure_id`). ``make figures PROFILE=paper`` runs every variant. A quick-profile
+variant is ``params/quick/<paper>-<id>-<variant>.yaml``: the parameters it changes from the notebook's own (quick)
+defaults, run by ``make figures`` after the main setting (``make test`` checks the notebook's main setting only).
 """
 from __future__ import annotations
 
@@ -94,13 +96,15 @@ def figure_id(nb_id: str, variant: str = "") -> str:
     return f"{nb_id}-{variant}" if variant else nb_id
 
 
-def variants(nb_id: str) -> list[str]:
-    """The paper-profile variants of a notebook: the ``<variant>`` of each ``params/paper/<nb_id>-<variant>.yaml``."""
-    return sorted(f.stem[len(nb_id) + 1:] for f in (repo_root() / "params" / "paper").glob(f"{nb_id}-*.yaml"))
+def variants(nb_id: str, profile: str = "paper") -> list[str]:
+    """A notebook's variants on ``profile``: the ``<variant>`` of each ``params/<profile>/<nb_id>-<variant>.yaml``."""
+    check_choice("profile", profile, PROFILES)
+    return sorted(f.stem[len(nb_id) + 1:] for f in (repo_root() / "params" / profile).glob(f"{nb_id}-*.yaml"))
 
 
 def paper_params_file(fig_id: str, folder: str = "paper") -> Path:
-    """``params/<folder>/<fig_id>.yaml``: ``paper`` (the paper profile), ``shrunk`` or ``published``."""
+    """``params/<folder>/<fig_id>.yaml``: ``paper`` (the paper profile), ``quick`` (a quick-profile variant),
+    ``shrunk`` or ``published``."""
     return repo_root() / "params" / folder / f"{fig_id}.yaml"
 
 
@@ -260,7 +264,8 @@ def _parameters(nb: Path) -> dict:
 def parameters(nb: str | Path, profile: str = "quick", device: str = "cpu", *, shrunk: bool = False,
                variant: str = "", overrides: dict | None = None, defaults: bool = True) -> dict:
     """The parameters a run of notebook ``nb`` gets (see :func:`run`): the profile's file
-    (``params/paper/<id>[-<variant>].yaml``), then ``params/shrunk/<id>.yaml`` where ``shrunk``, then ``overrides``;
+    (``params/paper/<id>[-<variant>].yaml``; on the quick profile only a variant has one,
+    ``params/quick/<id>-<variant>.yaml``), then ``params/shrunk/<id>.yaml`` where ``shrunk``, then ``overrides``;
     with ``defaults``, on top of the notebook's own defaults (its parameters cell). Unknown names raise ValueError."""
     import yaml
 
@@ -269,12 +274,11 @@ def parameters(nb: str | Path, profile: str = "quick", device: str = "cpu", *, s
     fig_id = figure_id(nb_id, variant)
     declared = _parameters(nb)
     params = {"profile": profile, "device": device} | ({"variant": variant} if variant else {})
-    if variant and variant not in variants(nb_id):
-        raise ValueError(f"{nb_id} has no paper-profile variant {variant!r}; known: {', '.join(variants(nb_id)) or 'none'}")
-    if variant and profile != "paper":
-        raise ValueError("variants are settings of the paper profile; use profile='paper'")
-    if profile != "quick":
-        f = paper_params_file(fig_id)
+    if variant and variant not in variants(nb_id, profile):
+        raise ValueError(f"{nb_id} has no {profile}-profile variant {variant!r}; known: "
+                         f"{', '.join(variants(nb_id, profile)) or 'none'}")
+    if profile != "quick" or variant:
+        f = paper_params_file(fig_id, profile)
         if not f.exists():
             raise FileNotFoundError(f"{fig_id}: no parameters for profile {profile!r} ({f})")
         params.update(yaml.safe_load(f.read_text()) or {})
@@ -299,7 +303,7 @@ def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Pat
 
     ``shrunk=True`` (paper profile only) overrides the paper parameters with ``params/shrunk/<id>.yaml``: the same
     models, optimisers and code path on tiny data for one epoch, so that ``make test`` exercises the paper profile.
-    ``variant`` (paper profile only) runs the setting ``params/paper/<id>-<variant>.yaml`` instead of the main one.
+    ``variant`` runs the setting ``params/<profile>/<id>-<variant>.yaml`` instead of the main one.
     ``overrides`` (``-p name value`` on the command line) are applied last. Every name is checked against the
     notebook's parameters cell and every value against its registry (:func:`check_params`) before any work starts.
     """
@@ -473,7 +477,7 @@ def summary(profile: str = "quick") -> Path:
              "A failed run's claims (an earlier run's, if any) are not counted; its status names the error.", "",
              "| figure | notebook | status | run time (s) | paper claims R / NR / I / NT | companion checks R / NR / I / NT |",
              "|---|---|---|---|---|---|"]
-    by_id = {figure_id(notebook_id(p), v): p for p in notebooks() for v in ["", *variants(notebook_id(p))]}
+    by_id = {figure_id(notebook_id(p), v): p for p in notebooks() for v in ["", *variants(notebook_id(p), profile)]}
     rows, failed = [], []
     for f in sorted(out.glob("*.json")):
         data = json.loads(f.read_text())
@@ -546,7 +550,7 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
     total = 0.0
     for nb in notebooks():
         nb_id = notebook_id(nb)
-        for v in ["", *variants(nb_id)] if profile == "paper" else [""]:
+        for v in ["", *variants(nb_id, profile)]:
             est = workload.estimate(workload.runs_of(nb_id, parameters(nb, profile, shrunk=shrunk, variant=v)), table)
             total += est["gpu_hours"]
             memory = f"{est['peak_gb']:.2g}" if est["peak_gb"] else "–"
@@ -569,8 +573,8 @@ def main(argv=None) -> int:
                    help="override one parameter of the notebook's parameters cell (VALUE is read as YAML: 500, 0.1, "
                         "[1, 2], mnist)")
     r.add_argument("--variant", default=None,
-                   help="paper profile only: run this variant; '' the main setting; default: the main one, then every "
-                        "variant")
+                   help="run this variant (params/<profile>/<id>-<variant>.yaml); '' the main setting; default: the "
+                        "main one, then every variant of the profile")
     ref = sub.add_parser("references")
     ref.add_argument("notebooks", nargs="+")
     cmp = sub.add_parser("compare", help="compare a test run's claims with the stored reference (exit 1 on a "
@@ -590,8 +594,8 @@ def main(argv=None) -> int:
     try:
         if a.cmd == "run":
             todo = [a.variant] if a.variant is not None else [""]
-            if a.variant is None and a.profile == "paper":
-                todo += variants(notebook_id(a.notebook))
+            if a.variant is None:
+                todo += variants(notebook_id(a.notebook), a.profile)
             import yaml
 
             overrides = {name: yaml.safe_load(value) for name, value in a.parameter}
@@ -622,8 +626,9 @@ def main(argv=None) -> int:
             print(text)
         else:
             for p in notebooks():
-                extra = variants(notebook_id(p))
-                print(f"{notebook_id(p):24s} {p}" + (f"  (paper variants: {', '.join(extra)})" if extra else ""))
+                extra = {pr: variants(notebook_id(p), pr) for pr in PROFILES}
+                print(f"{notebook_id(p):24s} {p}" + "".join(f"  ({pr} variants: {', '.join(v)})"
+                                                            for pr, v in extra.items() if v))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

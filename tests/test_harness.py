@@ -212,9 +212,27 @@ def test_variants_are_found_by_file_name(tmp_path, monkeypatch):
     (tmp_path / "params" / "paper").mkdir(parents=True)
     for name in ("mpe-fig1", "mpe-fig1-cifar10", "mpe-fig10", "mpe-fig1-resnet_nobn"):
         (tmp_path / "params" / "paper" / f"{name}.yaml").touch()
+    (tmp_path / "params" / "quick").mkdir()
+    (tmp_path / "params" / "quick" / "mpe-fig1-digits.yaml").touch()
     monkeypatch.setattr(harness, "repo_root", lambda: tmp_path)
     assert harness.variants("mpe-fig1") == ["cifar10", "resnet_nobn"]
     assert harness.variants("mpe-fig10") == []
+    assert harness.variants("mpe-fig1", "quick") == ["digits"]
+    assert harness.variants("mpe-fig10", "quick") == []
+
+
+def test_a_quick_variant_changes_only_what_its_file_names():
+    """The quick profile's variant = the notebook's own defaults, overridden by params/quick/<id>-<variant>.yaml."""
+    import yaml
+
+    nb = "notebooks/compare/attribution_mnist.ipynb"
+    main = harness.parameters(nb, "quick")
+    for v in harness.variants("compare-attribution", "quick"):
+        changed = yaml.safe_load(harness.paper_params_file(f"compare-attribution-{v}", "quick").read_text())
+        assert harness.parameters(nb, "quick", variant=v) == main | changed | {"variant": v}
+        harness.check_params(**harness.parameters(nb, "quick", variant=v, defaults=False))  # what run() checks
+    with pytest.raises(ValueError, match="no quick-profile variant 'imagenet'"):
+        harness.parameters(nb, "quick", variant="imagenet")
 
 
 def test_savefig_is_byte_stable(tmp_path):
@@ -259,6 +277,10 @@ def test_every_notebook_is_wired_into_the_harness():
             for folder in ("paper", "shrunk"):
                 f = harness.paper_params_file(harness.figure_id(nb_id, v), folder)
                 assert f.exists() and set(yaml.safe_load(f.read_text()) or {}) <= set(declared), f
+        for v in harness.variants(nb_id, "quick"):
+            assert "variant" in declared, f"{nb}: has quick variants but no variant parameter"
+            f = harness.paper_params_file(harness.figure_id(nb_id, v), "quick")
+            assert set(yaml.safe_load(f.read_text()) or {}) <= set(declared), f
         cells = nbformat.read(path, as_version=4).cells
         assert any("NBVAL_CHECK_OUTPUT" in c.source for c in cells if c.cell_type == "code"), nb
         params = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
