@@ -187,6 +187,22 @@ def test_against_dattri():
     np.testing.assert_allclose(theirs.numpy() / len(x), ours.numpy(), rtol=1e-4, atol=1e-8)
 
 
+def test_influence_functions_solve_each_test_example_once(monkeypatch):
+    """dattri solves a test batch's inverse-Hessian products once per training batch: the training set goes in as one
+    batch, the test examples in batches of test_batch_size, and the scores do not depend on either."""
+    algorithm = pytest.importorskip("dattri.algorithm")
+    x, y, xt, yt = _toy()
+    net = _fit(x, y, 1.0).double()
+    solves = []
+    solve = algorithm.IFAttributorCG.transform_test_rep
+    monkeypatch.setattr(algorithm.IFAttributorCG, "transform_test_rep",
+                        lambda self, ckpt_idx, test_rep: solves.append(len(test_rep)) or solve(self, ckpt_idx, test_rep))
+    S = {b: A.dattri_scores("if-cg", net, x.double(), y, xt.double(), yt, regularization=0.1, batch_size=7,
+                            test_batch_size=b) for b in (2, len(xt))}
+    assert solves == [2] * (len(xt) // 2) + [len(xt) % 2] * (len(xt) % 2) + [len(xt)]
+    torch.testing.assert_close(S[2], S[len(xt)], rtol=1e-6, atol=1e-9)
+
+
 def test_grad_dot_projects_to_proj_dim():
     """dattri's Grad-Dot is ∇ℓ_iᵀ∇ℓ_j after a random projection to proj_dim directions: close to the exact inner
     product with many directions, far from it with few (so proj_dim reaches dattri's projector)."""
