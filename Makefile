@@ -14,7 +14,7 @@ PARAMS    ?=          # notebook parameters for figures: PARAMS='-p n_train 500'
 # your driver supports); the pin stays the same version, so the stored results compare like with like.
 TORCH_INDEX ?=
 
-.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels smoke unit bench cost lab references data clean
+.PHONY: help env data-quick figures $(addprefix figures-,$(PAPERS)) test test-kernels smoke unit bench cost book lab references data clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -27,6 +27,7 @@ help:  ## list the targets
 	@echo "make unit              unit tests only"
 	@echo "make bench             a retraining sweep vectorised / on Dask / one after another; per-example gradients"
 	@echo "make cost              what every paper-profile notebook trains and its GPU-hours -> figures/paper/COST.md"
+	@echo "make book [PROFILE=quick]  the companion as a static site -> build/book/ (from the stored outputs; offline; needs Node.js)"
 	@echo "make lab               JupyterLab on notebooks/"
 	@echo "make references        re-execute notebooks in place: refresh the stored nbval references"
 	@echo "make data-quick        provide and verify what the quick profile needs (Fashion-MNIST; run by figures and test)"
@@ -40,7 +41,7 @@ help:  ## list the targets
 	# torch first, pinned (the CPU build unless TORCH_INDEX names a CUDA index), so that nothing later pulls other wheels
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev,distributed,peers]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev,distributed,peers,book]'
 	touch $@
 
 env: .venv/.installed
@@ -94,6 +95,11 @@ smoke: env data-quick
 
 unit: env
 	MPE_OFFLINE=1 $(PY) -m pytest -n $(JOBS) tests
+
+# The executed notebooks (build/<profile>/ where make figures ran, else the stored quick-profile outputs), the figures and
+# the README as a static site: MyST (mystmd) builds its content, mpe.book draws the pages. Nothing is re-executed.
+book: env
+	$(PY) -m mpe.book --profile $(PROFILE)
 
 lab: env
 	$(PY) -m jupyter lab notebooks/
