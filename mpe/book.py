@@ -192,6 +192,29 @@ def _gallery(st: _Stage, titles: dict) -> str:
     return "\n".join(lines)
 
 
+def _parts(profile: str) -> str:
+    """The landing page's reading guide: each part of the book, its first notebook and its verdict counts."""
+    lines = ["## Reading this book", "",
+             f"[The gallery](gallery.md) shows every figure with the verdicts of its claims check ({profile} "
+             "profile); the parts follow the four papers, one page per notebook, then the comparison and the guide "
+             "(the README). Paper claims: R = reproduced, NR = not reproduced, I = inconclusive, NT = not testable "
+             "here.", "", "| part | notebooks | paper claims R / NR / I / NT | companion checks R / NR / I / NT |",
+             "|---|---|---|---|"]
+    for folder, part in SECTIONS.items():
+        nbs = _in_order(folder)
+        if not nbs:
+            continue
+        rows = []
+        for nb in nbs:
+            for v in ["", *variants(notebook_id(nb), profile)]:
+                f = figures_dir(profile) / f"{figure_id(notebook_id(nb), v)}.json"
+                if f.exists() and (data := json.loads(f.read_text())).get("status", "ok") == "ok":
+                    rows += data["claims"]
+        counts = [" / ".join(str(n) for n in g.values()) for g in claim_counts(rows).values()]
+        lines.append(f"| [{part}]({nbs[0].as_posix()}) | {len(nbs)} | {counts[0]} | {counts[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def stage(profile: str = "quick", dest: Path | None = None) -> tuple[Path, list[str]]:
     """Lay out the book's sources in ``dest`` (default ``build/book-src``) with its ``myst.yml``; returns the folder
     and the problems found (links to missing files)."""
@@ -215,9 +238,7 @@ def stage(profile: str = "quick", dest: Path | None = None) -> tuple[Path, list[
 
     titles = {nb: _stage_notebook(st, root / nb, dest / nb) for nb in notebooks()}
     (dest / "index.md").write_text(f"# {title}\n\n" + st.relink(intro, root / "README.md", dest / "index.md")
-                                   + "\n\n## Reading this book\n\n[The gallery](gallery.md) shows every figure with "
-                                   "its verdicts; the parts below follow the four papers, one page per notebook, "
-                                   "then the comparison and the guide (the README).\n")
+                                   + "\n\n" + _parts(profile))
     (dest / "gallery.md").write_text(_gallery(st, titles))
     for (s, body), page in zip(sections, guide.values()):
         page.parent.mkdir(parents=True, exist_ok=True)
