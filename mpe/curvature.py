@@ -76,18 +76,25 @@ def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     """Per-example gradients of the cross-entropy ∇ℓ_i = J_iᵀ(p_i − y_i), shape (N, P), in eval mode (no dropout).
 
     For a model whose parameters all sit in Linear and Conv2d layers, from one batched backward pass: a layer's
-    ∇_W ℓ_i = Σ_t g_it a_itᵀ (output gradients g, inputs a); other models through ``torch.func`` (vmap of grad)."""
+    ∇_W ℓ_i = Σ_t g_it a_itᵀ (output gradients g, inputs a), written straight into the (N, P) result: an outer
+    product for a dense layer, one grouped convolution for a convolution (:func:`_conv_weight_grads`); other models
+    through ``torch.func`` (vmap of grad)."""
     layers = _layer_route(model)
     if layers is not None:
         chunk = min(512, auto_chunk(1, max(m.weight.numel() for m, _, _ in layers)))
         out = None
-        for sl, logits, io in _layer_io(model, x, chunk, y, inputs=_unfolded):
+        for sl, logits, io in _layer_io(model, x, chunk, y, inputs=lambda m, inp: inp):
             if out is None:
                 out = logits.new_empty(len(x), sum(p.numel() for p in model.parameters()))
-            for (m, w_off, b_off), (a, g) in zip(layers, io):  # a (n, D, T) without a bias row, g (n, 1, out, T)
-                out[sl, w_off:w_off + m.weight.numel()].unflatten(1, (g.shape[2], -1)).copy_(g[:, 0] @ a.mT)
+            for (m, w_off, b_off), (a, g) in zip(layers, io):  # a the layer's input, g (n, 1, out, T)
+                g = g[:, 0]
+                w = out[sl, w_off:w_off + m.weight.numel()].view(len(g), *m.weight.shape)
+                if isinstance(m, nn.Linear):
+                    torch.mul(g, a.reshape(len(g), 1, -1), out=w)  # (n, out, 1) x (n, 1, in), no copy
+                else:
+                    _conv_weight_grads(m, a, g, w)
                 if b_off is not None:
-                    out[sl, b_off:b_off + g.shape[2]] = g[:, 0].sum(-1)
+                    out[sl, b_off:b_off + g.shape[1]] = g.sum(-1)
         return out
     f, params, names = _functional(model)
     device = next(model.parameters()).device
@@ -102,6 +109,28 @@ def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     finally:
         model.train(was_training)
     return torch.cat([g[n].reshape(len(x), -1) for n in names], dim=1)
+
+
+def _conv_weight_grads(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+    """Per-example weight gradients of a convolution written into ``out`` (n, out, in, kh, kw), from its inputs x
+    (n, in, H, W) and output gradients g (n, out, T). A convolution's weight gradient is the correlation of its
+    (padded) input with its output gradient: for all examples at once, one convolution of the inputs with the
+    examples as groups and each example's output gradients as its kernels (the forward stride becomes the dilation and
+    vice versa); with one output position, an outer product with the one patch. No patches are unfolded: on a CPU
+    2-3x faster than unfolding and a batched matmul."""
+    n = len(x)
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    pad = m._reversed_padding_repeated_twice  # every padding m accepts, "same" included, as F.pad wants it
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+    ho, wo = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    if ho * wo == 1:
+        patch = x[:, :, :dh * (kh - 1) + 1:dh, :dw * (kw - 1) + 1:dw]  # (n, in, kh, kw)
+        torch.mul(g[:, :, :, None, None], patch[:, None], out=out)
+        return
+    kernels = g.reshape(n * g.shape[1], 1, ho, wo)
+    grads = F.conv2d(x.transpose(0, 1), kernels, stride=(dh, dw), dilation=(sh, sw), groups=n)  # (in, n·out, ≥kh, ≥kw)
+    out.copy_(grads[..., :kh, :kw].unflatten(1, (n, -1)).permute(1, 2, 0, 3, 4))
 
 
 def softmax_hessian(p: torch.Tensor) -> torch.Tensor:

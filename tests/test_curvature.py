@@ -33,13 +33,20 @@ def tiny_cnn():  # padding, stride, a layer without bias, pooling: every case of
                          nn.AvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).double()
 
 
+def tiny_cnn_strided():  # dilation, a non-square kernel and stride, "same" reflect padding
+    return nn.Sequential(nn.Conv2d(1, 2, (2, 3), stride=(1, 2), dilation=(2, 1)), nn.Tanh(),
+                         nn.Conv2d(2, 3, 1, padding="same", padding_mode="reflect"), nn.Tanh(),
+                         nn.Conv2d(3, 2, (3, 2)), nn.Flatten(), nn.Linear(6, 3)).double()
+
+
 def tiny_normed():  # a LayerNorm: the torch.func route
     return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double()
 
 
-@pytest.mark.parametrize("make", [tiny_mlp, tiny_cnn, tiny_normed])
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_cnn, tiny_cnn_strided, tiny_normed])
 def test_per_example_grads_match_autograd(f64, make):
-    model, x, y = make(), torch.randn(5, 1, 2, 3), torch.tensor([0, 2, 1, 1, 0])
+    shape = (5, 1, 7, 5) if make is tiny_cnn_strided else (5, 1, 2, 3)
+    model, x, y = make(), torch.randn(*shape), torch.tensor([0, 2, 1, 1, 0])
     G = C.per_example_grads(model, x, y)
     for i in range(5):
         loss = nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
