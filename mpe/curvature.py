@@ -214,7 +214,10 @@ def _unfolded(m, inp):
     """A layer's inputs as columns (n, D, T), the patches of a convolution unfolded, without a bias row."""
     if isinstance(m, nn.Linear):
         return inp.reshape(inp.shape[0], -1, 1)
-    return F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride)
+    pad = m._reversed_padding_repeated_twice  # every padding m accepts ("same", reflect, ...) as F.pad wants it
+    if any(pad):
+        inp = F.pad(inp, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+    return F.unfold(inp, m.kernel_size, m.dilation, 0, m.stride)
 
 
 def _layer_inputs(m, inp):

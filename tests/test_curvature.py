@@ -86,9 +86,10 @@ def test_kfac_conv_block_is_exact_for_one_position(f64):
     torch.testing.assert_close(F[order][:, order], torch.kron(G, A) / count)
 
 
-def test_kfac_covariance_matches_explicit_kronecker_precision(f64):
+@pytest.mark.parametrize("padding", [dict(padding=1), dict(padding="same", padding_mode="reflect")])
+def test_kfac_covariance_matches_explicit_kronecker_precision(f64, padding):
     """Conv with many positions: V from the factored code equals J P⁻¹ Jᵀ with P built explicitly."""
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 16, 3)).double()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, **padding), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 16, 3)).double()
     x, xt = torch.randn(5, 1, 4, 4), torch.randn(4, 1, 4, 4)
     post = C.kfac_posterior(model, x, 0.3)
     blocks = []
@@ -149,14 +150,15 @@ def test_layer_route_equals_the_jacobians(f64):
     """ggn_diag and the diagonal-posterior covariance go layer by layer for Linear/Conv2d models: same numbers as
     the per-example Jacobians (ggn_full's diagonal; J diag(1/s) Jᵀ), with and without biases, in small chunks."""
     torch.manual_seed(0)
-    x = torch.randn(11, 1, 5, 5)
     models = [nn.Sequential(nn.Flatten(), nn.Linear(25, 7), nn.ReLU(), nn.Linear(7, 4)),
               nn.Sequential(nn.Flatten(), nn.Linear(25, 4, bias=False)),
               nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(3, 2, 2, bias=False),
-                            nn.Flatten(), nn.Linear(2, 3))]
+                            nn.Flatten(), nn.Linear(2, 3)),
+              tiny_cnn_strided()]
     for model in models:
         model = model.double()
         assert C._layer_route(model) is not None
+        x = torch.randn(11, 1, 7, 5) if model is models[-1] else torch.randn(11, 1, 5, 5)
         J = brute_jacobian(model, x)
         torch.testing.assert_close(C.ggn_diag(model, x, chunk=4), torch.diagonal(C.ggn_full(model, x)))
         s = torch.rand(J.shape[2], dtype=torch.float64) + 0.5
