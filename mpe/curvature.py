@@ -120,9 +120,7 @@ def _conv_weight_grads(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, out: torc
     2-3x faster than unfolding and a batched matmul."""
     n = len(x)
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-    pad = m._reversed_padding_repeated_twice  # every padding m accepts, "same" included, as F.pad wants it
-    if any(pad):
-        x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+    x = _padded(m, x)
     ho, wo = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
     if ho * wo == 1:
         patch = x[:, :, :dh * (kh - 1) + 1:dh, :dw * (kw - 1) + 1:dw]  # (n, in, kh, kw)
@@ -214,10 +212,13 @@ def _unfolded(m, inp):
     """A layer's inputs as columns (n, D, T), the patches of a convolution unfolded, without a bias row."""
     if isinstance(m, nn.Linear):
         return inp.reshape(inp.shape[0], -1, 1)
-    pad = m._reversed_padding_repeated_twice  # every padding m accepts ("same", reflect, ...) as F.pad wants it
-    if any(pad):
-        inp = F.pad(inp, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
-    return F.unfold(inp, m.kernel_size, m.dilation, 0, m.stride)
+    return F.unfold(_padded(m, inp), m.kernel_size, m.dilation, 0, m.stride)
+
+
+def _padded(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input padded as the layer pads it: every padding it accepts ("same", reflect, ...)."""
+    pad = m._reversed_padding_repeated_twice  # as F.pad wants it
+    return F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode) if any(pad) else x
 
 
 def _layer_inputs(m, inp):
