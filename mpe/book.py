@@ -32,7 +32,7 @@ from pathlib import Path
 from .harness import PROFILES, check_choice, claim_counts, figure_id, figures_dir, notebook_id, notebooks, \
     repo_root, variants
 
-__all__ = ["SECTIONS", "stage", "myst_site", "render", "build", "main"]
+__all__ = ["SECTIONS", "stage", "myst_executable", "myst_site", "render", "build", "main"]
 
 TITLE = "How does a trained model depend on each training example?"
 # the notebooks' folders in reading order, with the titles of their parts of the book
@@ -182,14 +182,24 @@ def _gallery(st: _Stage, titles: dict) -> str:
                 rel = Path(os.path.relpath(page, st.dest)).as_posix()
                 img = Path(os.path.relpath(st.file(png), st.dest)).as_posix() if png.exists() else None
                 thumb = f"[![{fid}]({img})]({img})" if img else "—"
-                if claims.exists() and (data := json.loads(claims.read_text())).get("status", "ok") == "ok":
-                    counts = [" / ".join(str(n) for n in g.values()) for g in claim_counts(data["claims"]).values()]
-                else:
-                    counts = ["not run" if not claims.exists() else "failed"] * 2
+                found = _claims(claims)
+                counts = _counts(found) if found is not None else ["not run" if not claims.exists() else "failed"] * 2
                 name = titles[nb].split("—", 1)[-1].strip() + (f" (variant `{v}`)" if v else "")
                 lines.append(f"| {thumb} | [{name}]({rel}) `{fid}` | {counts[0]} | {counts[1]} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _claims(path: Path) -> list | None:
+    """The claims of a figure's ``<id>.json``; None where it has not run or its run failed."""
+    if not path.exists() or (data := json.loads(path.read_text())).get("status", "ok") != "ok":
+        return None
+    return data["claims"]
+
+
+def _counts(claims: list) -> list[str]:
+    """"R / NR / I / NT" of the paper claims and of the companion checks."""
+    return [" / ".join(str(n) for n in g.values()) for g in claim_counts(claims).values()]
 
 
 def _parts(profile: str) -> str:
@@ -207,10 +217,8 @@ def _parts(profile: str) -> str:
         rows = []
         for nb in nbs:
             for v in ["", *variants(notebook_id(nb), profile)]:
-                f = figures_dir(profile) / f"{figure_id(notebook_id(nb), v)}.json"
-                if f.exists() and (data := json.loads(f.read_text())).get("status", "ok") == "ok":
-                    rows += data["claims"]
-        counts = [" / ".join(str(n) for n in g.values()) for g in claim_counts(rows).values()]
+                rows += _claims(figures_dir(profile) / f"{figure_id(notebook_id(nb), v)}.json") or []
+        counts = _counts(rows)
         lines.append(f"| [{part}]({nbs[0].as_posix()}) | {len(nbs)} | {counts[0]} | {counts[1]} |")
     return "\n".join(lines) + "\n"
 
@@ -265,10 +273,15 @@ def stage(profile: str = "quick", dest: Path | None = None) -> tuple[Path, list[
 # ------------------------------------------------------------------------------------------------------------------
 # 2. MyST
 # ------------------------------------------------------------------------------------------------------------------
+def myst_executable() -> str | None:
+    """The ``myst`` command of this environment (the ``book`` extra), else the one on the PATH, else None."""
+    exe = Path(sys.executable).with_name("myst")
+    return str(exe) if exe.exists() else shutil.which("myst")
+
+
 def myst_site(src: Path) -> Path:
     """Run ``myst build --site`` in ``src``; the site's content folder (``_build/site``)."""
-    exe = Path(sys.executable).with_name("myst")
-    exe = str(exe) if exe.exists() else shutil.which("myst")
+    exe = myst_executable()
     if exe is None:
         raise RuntimeError("the book needs MyST: pip install -e '.[book]' (mystmd, which also needs Node.js >= 18)")
     if shutil.which("node") is None:

@@ -5,9 +5,7 @@ import http.server
 import json
 import re
 import shutil
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -84,7 +82,7 @@ def test_relinking_points_at_staged_pages_and_files(tmp_path):
 def _missing():
     if shutil.which("node") is None:
         return "Node.js is not installed (MyST needs it: apt-get install nodejs)"
-    if not (Path(sys.executable).with_name("myst").exists() or shutil.which("myst")):
+    if book.myst_executable() is None:
         return "mystmd is not installed (pip install -e '.[book]')"
     try:
         import playwright.sync_api  # noqa: F401
