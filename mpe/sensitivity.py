@@ -354,8 +354,10 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
     ``retrain_iters`` iterations of full-batch L-BFGS (converged), or the keyword arguments ``retrain`` of
     :func:`mpe.train.train` (e.g. the paper's low-learning-rate SGD). The two are on different scales, so a monotone
     trend is expected, not y = x. Returns one dict per class: ``loco``, ``test_nll``, ``test_acc``, ``acc_drop``, the
-    reference run's ``base_nll`` and ``base_acc``, and ``removed_acc``, the accuracy on the removed class's test
-    examples after the retrain (how far the class was forgotten; ``base_removed_acc`` before).
+    reference run's ``base_nll`` and ``base_acc``, ``removed_acc``, the accuracy on the removed class's test examples
+    after the retrain (how far the class was forgotten; ``base_removed_acc`` before), and the two parts of the test
+    NLL: ``removed_nll`` on the removed class's test examples and ``rest_nll`` on the others (``base_rest_nll``
+    before), so that test_nll = (n_c·removed_nll + (n − n_c)·rest_nll) / n.
     """
 
     V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
@@ -368,9 +370,9 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
     ref, outs = retrained_outputs(model, x, y, groups, x_test, kw, dict(tag or {}, study="loco"), cache, "class removal")
     yt = y_test.cpu()
 
-    def scores(probs):
-        return (-probs[torch.arange(len(yt)), yt].clamp_min(1e-12).log().mean().item(),
-                (probs.argmax(1) == yt).float().mean().item())
+    def scores(probs, rows=slice(None)):
+        return (-probs[torch.arange(len(yt)), yt].clamp_min(1e-12).log()[rows].mean().item(),
+                (probs.argmax(1) == yt)[rows].float().mean().item())
 
     def class_acc(probs, c):
         return (probs[yt == c].argmax(1) == c).float().mean().item()
@@ -381,7 +383,9 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
         nll, acc = scores(probs)
         out.append(dict(cls=c, loco=per_example[group].mean().item(), test_nll=nll, test_acc=acc,
                         acc_drop=base_acc - acc, base_nll=base_nll, base_acc=base_acc,
-                        removed_acc=class_acc(probs, c), base_removed_acc=class_acc(ref, c)))
+                        removed_acc=class_acc(probs, c), base_removed_acc=class_acc(ref, c),
+                        removed_nll=scores(probs, yt == c)[0], rest_nll=scores(probs, yt != c)[0],
+                        base_rest_nll=scores(ref, yt != c)[0]))
     return out
 
 

@@ -108,6 +108,10 @@ def test_loco_study_matches_direct_retraining_and_class_means(f64, tmp_path):
         pred = predict(model, xt).argmax(1)
         assert row["removed_acc"] == pytest.approx((pred[yt == c] == c).double().mean().item())
         assert row["removed_acc"] < row["base_removed_acc"]  # a converged retrain forgets the class
+        logits, k = predict(model, xt), yt == c
+        assert row["removed_nll"] == pytest.approx(nn.functional.cross_entropy(logits[k], yt[k]).item(), rel=1e-6)
+        assert row["rest_nll"] == pytest.approx(nn.functional.cross_entropy(logits[~k], yt[~k]).item(), rel=1e-6)
+        assert row["base_rest_nll"] != pytest.approx(row["rest_nll"])
         set_flat_params(model, theta)
 
 
