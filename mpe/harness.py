@@ -356,11 +356,13 @@ def run(nb: str | Path, profile: str = "quick", device: str = "cpu", output: Pat
 
 
 def clean_notebook(path: Path) -> None:
-    """Drop papermill and execution metadata (timestamps) so stored references diff cleanly."""
+    """Drop papermill and execution metadata (timestamps), the state of progress widgets and the traces of progress
+    bars, so stored references diff cleanly."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
     nb.metadata.pop("papermill", None)
+    nb.metadata.pop("widgets", None)  # ipywidgets' saved state: the tqdm bars' models, meaningless once stored
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)

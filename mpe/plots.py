@@ -23,8 +23,9 @@ def style() -> None:
     plt.rcParams.update(STYLE)
 
 
-def savefig(fig, name: str, profile: str = "quick", root: str | Path | None = None) -> list[Path]:
-    """Save ``fig`` as ``figures/<profile>/<name>.png`` and ``.pdf``, without version or date metadata."""
+def savefig(fig, name: str, profile: str = "quick", root: str | Path | None = None) -> None:
+    """Save ``fig`` as ``figures/<profile>/<name>.png`` and ``.pdf`` (or under ``root``), without version or date
+    metadata. Returns nothing, so that a notebook cell ending in it shows no machine-specific paths."""
     from .harness import figures_dir
 
     out = figures_dir(profile) if root is None else Path(root)
@@ -33,7 +34,6 @@ def savefig(fig, name: str, profile: str = "quick", root: str | Path | None = No
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.savefig(paths[0], bbox_inches="tight", metadata={"Software": None})
     fig.savefig(paths[1], bbox_inches="tight", metadata={"Creator": None, "Producer": None, "CreationDate": None})
-    return paths
 
 
 def identity_scatter(ax, x, y, label=None, **kw):

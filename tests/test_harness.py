@@ -193,10 +193,13 @@ def test_clean_notebook_drops_progress_bars_and_keeps_warnings(tmp_path):
                     nbformat.v4.new_output("stream", name="stderr", text=bar + "\nUserWarning: a real one\n"),
                     nbformat.v4.new_output("stream", name="stdout", text="kept\n")]
     nb.cells = [cell]
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"a1": {}}, "version_major": 2}}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "a.ipynb")
     harness.clean_notebook(tmp_path / "a.ipynb")
-    outs = nbformat.read(tmp_path / "a.ipynb", as_version=4).cells[0].outputs
-    assert [o["text"] for o in outs] == ["UserWarning: a real one\n", "kept\n"]
+    cleaned = nbformat.read(tmp_path / "a.ipynb", as_version=4)
+    assert [o["text"] for o in cleaned.cells[0].outputs] == ["UserWarning: a real one\n", "kept\n"]
+    assert "widgets" not in cleaned.metadata and cleaned.metadata["kernelspec"]["name"] == "python3"
 
 
 def test_notebook_id():
@@ -239,9 +242,9 @@ def test_savefig_is_byte_stable(tmp_path):
     def draw():
         fig, ax = plt.subplots()
         ax.plot([0, 1], [1, 0])
-        paths = savefig(fig, "t", root=tmp_path)
+        assert savefig(fig, "t", root=tmp_path) is None  # a cell ending in it shows no paths
         plt.close(fig)
-        return [p.read_bytes() for p in paths]
+        return [(tmp_path / f"t.{ext}").read_bytes() for ext in ("png", "pdf")]
 
     assert draw() == draw()
 
