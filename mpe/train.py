@@ -19,6 +19,7 @@ at once (stacked parameters, one vmapped step), for retraining sweeps.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -202,6 +203,27 @@ def _make_schedule(name, opt, *, epochs, lr_min, step_size, gamma, milestones):
             "constant": lambda: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)}[name]()
 
 
+def own_rng(fn):
+    """Run ``fn(model, ..., seed=...)`` on torch's global generator seeded from ``seed``, restored afterwards.
+
+    IVON's weight noise and dropout masks come from the global generator. Seeding it per run makes a run depend on its
+    arguments alone, not on what ran before it in the process (a cached run that was skipped, say), and leaves the
+    caller's random stream as it was.
+    """
+
+    @functools.wraps(fn)
+    def run(model, *args, seed: int = 0, **kwargs):
+        device = next(model.parameters()).device
+        accelerator = device.type in ("cuda", "mps")
+        with torch.random.fork_rng(devices=[device.index or 0] if accelerator else [],
+                                   device_type=device.type if accelerator else "cuda"):
+            torch.manual_seed(seed)
+            return fn(model, *args, seed=seed, **kwargs)
+
+    return run
+
+
+@own_rng
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, optimizer: str = "sgd",
           batch_size: int | None = 256, lr_min: float = 0.0, momentum: float = 0.9, delta: float = 0.0,
           shuffle: bool = True, seed: int = 0, callbacks=(), hess_init: float = 0.1, beta2: float = 0.99999,

@@ -265,3 +265,24 @@ def test_conv_nets_train_in_channels_last_and_give_back_the_default_layout():
     assert seen == [True] * 4
     assert all(p.is_contiguous() for p in m.parameters())
     torch.testing.assert_close(flat_params(m), flat_params(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer, dropout", [("ivon", 0.0), ("sgd", 0.5)])
+def test_a_run_depends_on_its_seed_not_on_the_global_generator(optimizer, dropout):
+    """IVON's weight noise and dropout masks come from torch's global generator: train seeds it from ``seed`` and
+    restores it, so a run is the same whatever ran before it (a skipped cached run), and the caller's stream is kept."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+
+    def run(seed, burn):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
+        torch.rand(burn)  # what ran before: another position in the global stream
+        expected_next = torch.get_rng_state()
+        train(model, x, y, optimizer=optimizer, lr=0.05, epochs=3, batch_size=10, seed=seed)
+        assert torch.equal(torch.get_rng_state(), expected_next)  # the caller's stream is where training found it
+        return flat_params(model)
+
+    a, b, c = run(0, 0), run(0, 7), run(1, 0)
+    assert torch.equal(a, b)  # the stream's position before the run does not matter
+    assert not torch.equal(a, c)  # the seed does
