@@ -194,9 +194,10 @@ def _mpe_fig2(p):  # per panel: θ* by L-BFGS; warm-started L-BFGS retrains with
 
 
 @formula("mpe-fig3a")
-def _mpe_fig3a(p):  # per panel: θ* by SGD; a warm-started SGD retrain without each of the 10 classes (9/10 of the
-    runs = []       # data each, on average) and a reference, per seed; the same with L-BFGS (first seed) when
-    s = len(p["seeds"])  # converged_truth
+def _mpe_fig3a(p):
+    """Per panel and seed: θ* by SGD, a warm-started SGD retrain without each of the 10 classes (9/10 of the data
+    each, on average) and a reference; with converged_truth, the same by L-BFGS, on the first seed only."""
+    runs, s = [], len(p["seeds"])
     for m, n, fit, re in _per_panel(p, "models", "n_train", "fit_epochs", "retrain_epochs"):
         runs += [Runs(m, s, n, fit, p["batch_size"]), Runs(m, s, n, re, p["batch_size"], stacked=True),
                  Runs(m, 10 * s, round(0.9 * n), re, p["batch_size"], stacked=True)]
