@@ -232,17 +232,19 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
           loss: str = "cross_entropy", augment: str = "none", nesterov: bool = False) -> SimpleNamespace:
     """Train ``model`` in place on (x (N, ...), y (N,)) and return ``state`` (model, optimizer, losses per epoch).
 
-    ``batch_size=None`` means full batch. ``schedule``: "cosine" (``lr`` to ``lr_min``), "step" (× ``gamma`` every
-    ``step_size`` epochs, the lpNTK recipe), "multistep" (× ``gamma`` after each epoch in ``milestones``, Toneva's
-    CIFAR recipe) or "constant"; stepped once per epoch. ``nesterov``: Nesterov momentum (SGD only). ``augment``: a
-    name from :data:`mpe.data.AUGMENTATIONS` applied to every minibatch (drawn from the seeded generator; callbacks
-    see the logits of the augmented batch, as Toneva's online statistics do). ``penalty(model) -> scalar`` is
-    added to every minibatch loss (a continual-learning regulariser such as λ·FSD). ``loss``: "cross_entropy"
-    (labels y (N,)) or "squared" (½‖f(x) − y‖² per example, targets y (N, K); regression). The optimiser object is returned
-    in ``state.optimizer`` so that its preconditioner (IVON's Hessian, Adam's second moment) can be read as a
-    variance. Callbacks get ``on_batch_start(state, idx)``, ``on_batch_end(state, idx, logits, yb)`` and
-    ``on_epoch_end(state)``; during a step ``state.batch`` is the (augmented) minibatch (xb, yb) the step uses, and a
-    callback that sets ``state.stop`` ends training after the current epoch (:func:`stop_after`).
+    ``seed`` sets the minibatch order and augmentations, and seeds torch's global generator for the run (IVON's weight
+    noise, dropout masks), which is restored afterwards (:func:`own_rng`). ``batch_size=None`` means full batch.
+    ``schedule``: "cosine" (``lr`` to ``lr_min``), "step" (× ``gamma`` every ``step_size`` epochs, the lpNTK recipe),
+    "multistep" (× ``gamma`` after each epoch in ``milestones``, Toneva's CIFAR recipe) or "constant"; stepped once per
+    epoch. ``nesterov``: Nesterov momentum (SGD only). ``augment``: a name from :data:`mpe.data.AUGMENTATIONS` applied
+    to every minibatch (drawn from the seeded generator; callbacks see the logits of the augmented batch, as Toneva's
+    online statistics do). ``penalty(model) -> scalar`` is added to every minibatch loss (a continual-learning
+    regulariser such as λ·FSD). ``loss``: "cross_entropy" (labels y (N,)) or "squared" (½‖f(x) − y‖² per example,
+    targets y (N, K); regression). The optimiser object is returned in ``state.optimizer`` so that its preconditioner
+    (IVON's Hessian, Adam's second moment) can be read as a variance. Callbacks get ``on_batch_start(state, idx)``,
+    ``on_batch_end(state, idx, logits, yb)`` and ``on_epoch_end(state)``; during a step ``state.batch`` is the
+    (augmented) minibatch (xb, yb) the step uses, and a callback that sets ``state.stop`` ends training after the
+    current epoch (:func:`stop_after`).
     """
     _check_recipe(optimizer, schedule, loss, augment, nesterov, epochs, lr)
     loss_fn = LOSSES[loss]
