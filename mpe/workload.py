@@ -317,9 +317,13 @@ def _lpntk_gaussians(p):  # per seed: full-batch Adam on all the data and on a k
 
 
 @formula("lpntk-interactions")
-def _lpntk_interactions(p):  # the kernel network; n_runs runs per partner set (a target and its partners per class)
-    return [Runs(p["model"], 1, p["n_train"], p["kernel_epochs"], 128),
-            Runs(p["model"], 3 * p["n_runs"], 10 * (1 + p["n_partners"]), p["epochs"], p["batch_size"], stacked=True)]
+def _lpntk_interactions(p):
+    """Per ranking network (kernel seed): its training, then n_runs runs per partner set (a target and its partners
+    per class) of each of the 3 conditions."""
+    k = len(p["kernel_seeds"])
+    return [Runs(p["model"], k, p["n_train"], p["kernel_epochs"], 128),
+            Runs(p["model"], 3 * p["n_runs"] * k, 10 * (1 + p["n_partners"]), p["epochs"], p["batch_size"],
+                 stacked=True)]
 
 
 @formula("lpntk-difficulty")
