@@ -370,22 +370,19 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
     ref, outs = retrained_outputs(model, x, y, groups, x_test, kw, dict(tag or {}, study="loco"), cache, "class removal")
     yt = y_test.cpu()
 
-    def scores(probs, rows=slice(None)):
+    def scores(probs, rows=slice(None)):  # mean NLL and accuracy on the test rows ``rows``
         return (-probs[torch.arange(len(yt)), yt].clamp_min(1e-12).log()[rows].mean().item(),
                 (probs.argmax(1) == yt)[rows].float().mean().item())
-
-    def class_acc(probs, c):
-        return (probs[yt == c].argmax(1) == c).float().mean().item()
 
     base_nll, base_acc = scores(ref)
     out = []
     for c, group, probs in zip(classes, groups, outs):
         nll, acc = scores(probs)
+        removed_nll, removed_acc = scores(probs, yt == c)
         out.append(dict(cls=c, loco=per_example[group].mean().item(), test_nll=nll, test_acc=acc,
                         acc_drop=base_acc - acc, base_nll=base_nll, base_acc=base_acc,
-                        removed_acc=class_acc(probs, c), base_removed_acc=class_acc(ref, c),
-                        removed_nll=scores(probs, yt == c)[0], rest_nll=scores(probs, yt != c)[0],
-                        base_rest_nll=scores(ref, yt != c)[0]))
+                        removed_acc=removed_acc, base_removed_acc=scores(ref, yt == c)[1], removed_nll=removed_nll,
+                        rest_nll=scores(probs, yt != c)[0], base_rest_nll=scores(ref, yt != c)[0]))
     return out
 
 
