@@ -207,7 +207,9 @@ class LOOTracker:
 
     After training, ``self.test`` is a list of (epoch, test NLL, test error), ``self.loo`` a list of
     (epoch, {form: LOO}) and ``self.per_example`` maps each LOO epoch to the per-example values behind them:
-    ``{form: (N,) LOO NLL}, (M,) test NLL`` (for intervals: :func:`loo_gaps`).
+    ``{form: (N,) LOO NLL}, (M,) test NLL`` (for intervals: :func:`loo_gaps`). ``self.fit`` maps each LOO epoch to
+    the two factors of the first-order shift Δf_i = V_i e_i: the mean training residual ‖e_i‖ = ‖σ(f_i) − e_{y_i}‖
+    and the mean predictive variance tr V_i (``rows(fit=True)`` adds them as columns).
     """
 
     SOURCES = ("ivon", "adam", "diag", "kfac")
@@ -217,7 +219,7 @@ class LOOTracker:
             raise ValueError(f"unknown variance source {source!r}; valid choices: {', '.join(self.SOURCES)}")
         self.x, self.y, self.x_test, self.y_test = x, y, x_test, y_test
         self.at_epochs, self.source, self.delta, self.forms = set(at_epochs), source, delta, tuple(forms)
-        self.test, self.loo, self.per_example, self.h_moved = [], [], {}, {}
+        self.test, self.loo, self.per_example, self.h_moved, self.fit = [], [], {}, {}, {}
 
     def posterior(self, state):
         return training_posterior(self.source, state, self.x, self.delta)
@@ -234,15 +236,17 @@ class LOOTracker:
             test_logits = predict(state.model, self.x_test)
             test_nll = F.cross_entropy(test_logits, self.y_test.to(test_logits.device), reduction="none").cpu()
             self.per_example[state.epoch] = (nll, test_nll)
+            self.fit[state.epoch] = dict(train_residual=float(residuals(logits, y).norm(dim=1).mean()),
+                                         trace_v=float(V.diagonal(dim1=-2, dim2=-1).sum(-1).mean()))
             if self.source == "ivon":
                 self.h_moved[state.epoch] = hess_moved(state.optimizer)
 
-    def rows(self, **extra) -> list[dict]:
+    def rows(self, fit: bool = False, **extra) -> list[dict]:
         """One dict per LOO checkpoint: ``epoch``, ``loo_<form>``, ``test_nll``, ``test_err``, for IVON ``h_moved``
-        (:func:`hess_moved`), and ``extra``."""
+        (:func:`hess_moved`), with ``fit`` the ``train_residual`` and ``trace_v`` of ``self.fit``, and ``extra``."""
         test = {e: (nll, err) for e, nll, err in self.test}
         return [dict(extra, epoch=e, **{f"loo_{f}": v for f, v in loo.items()}, test_nll=test[e][0], test_err=test[e][1],
-                     **({"h_moved": self.h_moved[e]} if e in self.h_moved else {}))
+                     **({"h_moved": self.h_moved[e]} if e in self.h_moved else {}), **(self.fit[e] if fit else {}))
                 for e, loo in self.loo]
 
 

@@ -81,6 +81,13 @@ def test_loo_tracker_matches_a_direct_computation(source):
     V = C.predictive_covariance(model, x, post)
     for form in ("diag", "full"):
         assert tracker.loo[0][1][form] == pytest.approx(loo_nll(predict(model, x), y, V, form).item(), rel=1e-5)
+    p = torch.softmax(predict(model, x), 1)
+    residual = sum((p[i] - torch.eye(3)[y[i]]).norm() for i in range(30)) / 30
+    trace = sum(V[i, k, k] for i in range(30) for k in range(3)) / 30
+    row = tracker.rows(fit=True)[0]
+    assert row["train_residual"] == pytest.approx(residual.item(), rel=1e-5)
+    assert row["trace_v"] == pytest.approx(trace.item(), rel=1e-5)
+    assert "trace_v" not in tracker.rows()[0]
     with pytest.raises(ValueError, match="valid choices: ivon, adam, diag, kfac"):
         LOOTracker(x, y, x, y, [1], "sgd", 1.0)
 
