@@ -135,10 +135,26 @@ def kernel_statistics(phi: torch.Tensor, y: torch.Tensor, *, zero_threshold: flo
     return res
 
 
-def entk_blocks(model, xa: torch.Tensor, xb: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def entk_blocks(model, xa: torch.Tensor, xb: torch.Tensor, chunk: int | None = None, sketch: int | None = None,
+                seed: int = 0) -> torch.Tensor:
     """Θ(x_a, x_b) = J(x_a) J(x_b)ᵀ for all pairs, (Na, Nb, K, K); model in eval mode. The Jacobians (chunk, K, P) are
     formed ``chunk`` examples at a time (:func:`mpe.curvature.auto_chunk` by default), those of x_b again for each
-    chunk of x_a when both do not fit in one: memory O(chunk·K·P + Na·Nb·K²)."""
+    chunk of x_a when both do not fit in one: memory O(chunk·K·P + Na·Nb·K²).
+
+    ``sketch=p`` maps every Jacobian row through the :func:`count_sketch` of ``seed`` as it is formed and returns
+    (S J(x_a)) (S J(x_b))ᵀ: each Jacobian is formed once, memory O(chunk·K·P + (Na + Nb)·K·p), entries unbiased with
+    a relative error of order √(2/p) (the lpNTK features' sketch, :func:`features`)."""
+    if sketch is not None:
+        n_params = sum(p.numel() for p in model.parameters())
+        bucket, sign = (t.to(next(model.parameters()).device) for t in count_sketch(n_params, sketch, seed))
+
+        def sketched(x):
+            return torch.cat([J.new_zeros(*J.shape[:2], sketch).index_add_(2, bucket, J * sign.to(J.dtype))
+                              for _, J in jacobians(model, x, chunk)])
+
+        sa = sketched(xa)
+        sb = sa if xb is xa else sketched(xb)
+        return torch.einsum("akp,blp->abkl", sa, sb)
     out = None
     for sa, Ja in jacobians(model, xa, chunk):
         if out is None:

@@ -140,6 +140,27 @@ class _LargestTensor(torch.overrides.TorchFunctionMode):
         return out
 
 
+def test_sketched_entk_blocks_are_the_count_sketch_of_the_jacobians(f64):
+    from mpe.curvature import jacobians
+
+    net = tiny_net()
+    g = torch.Generator().manual_seed(1)
+    xa, xb = torch.randn(5, 1, 2, 3, generator=g), torch.randn(3, 1, 2, 3, generator=g)
+    (_, Ja), = jacobians(net, xa)
+    (_, Jb), = jacobians(net, xb)  # (n, K, P)
+    bucket, sign = count_sketch(Ja.shape[2], 8, seed=3)
+    S = torch.zeros(8, Ja.shape[2], dtype=Ja.dtype)
+    S[bucket, torch.arange(Ja.shape[2])] = sign.double()  # the explicit sketch matrix
+    expected = torch.einsum("akp,blp->abkl", Ja @ S.T, Jb @ S.T)
+    torch.testing.assert_close(entk_blocks(net, xa, xb, chunk=2, sketch=8, seed=3), expected)
+    exact = entk_blocks(net, xa, xb)
+    mean = sum(entk_blocks(net, xa, xb, sketch=16, seed=s) for s in range(400)) / 400  # unbiased entries
+    assert (mean - exact).abs().max() < 0.1 * exact.abs().max()
+    assert (entk_blocks(net, xa, xb, sketch=16, seed=0) - exact).abs().max() > 1e-3  # one sketch is not exact
+    same = entk_blocks(net, xa, xa, sketch=8, seed=3)
+    torch.testing.assert_close(same, same.permute(1, 0, 3, 2))  # Θ(a, b) = Θ(b, a)ᵀ, from one sketch of x_a
+
+
 def test_big_routes_never_form_the_full_kernel_or_all_jacobians():
     """kernel_statistics holds one (block, N) slice of the kernel, never N×N; entk_blocks in chunks holds the Jacobians
     of 2 chunks, never all of them, and gives the same blocks."""
