@@ -44,6 +44,11 @@ def count_sketch(n_in: int, n_out: int, seed: int = 0) -> tuple[torch.Tensor, to
     return torch.randint(0, n_out, (n_in,), generator=g), torch.randint(0, 2, (n_in,), generator=g) * 2.0 - 1.0
 
 
+def _apply_sketch(v: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The :func:`count_sketch` (bucket, sign) applied along the last dimension of v (..., n_in) -> (..., n_out)."""
+    return v.new_zeros(*v.shape[:-1], n_out).index_add_(v.dim() - 1, bucket, v * sign.to(v.dtype))
+
+
 def features(model, x: torch.Tensor, y: torch.Tensor, kind: str = "lpntk", scale: float = 1.0,
              chunk: int = 256, sketch: int | None = None, seed: int = 0) -> torch.Tensor:
     """φ(x_n, y_n) = √scale · ∇_w[s(y_n)ᵀ z(x_n)] for every example, (N, P), in ``model.parameters()`` order.
@@ -73,7 +78,7 @@ def features(model, x: torch.Tensor, y: torch.Tensor, kind: str = "lpntk", scale
             gb = g(params, xb, sb)
             gb = torch.cat([gb[n].reshape(len(xb), -1) for n in names], 1)
             if sketch is not None:
-                gb = gb.new_zeros(len(xb), sketch).index_add_(1, bucket, gb * sign.to(gb.dtype))
+                gb = _apply_sketch(gb, bucket, sign, sketch)
             out.append(gb)
     finally:
         model.train(was_training)
@@ -149,8 +154,7 @@ def entk_blocks(model, xa: torch.Tensor, xb: torch.Tensor, chunk: int | None = N
         bucket, sign = (t.to(next(model.parameters()).device) for t in count_sketch(n_params, sketch, seed))
 
         def sketched(x):
-            return torch.cat([J.new_zeros(*J.shape[:2], sketch).index_add_(2, bucket, J * sign.to(J.dtype))
-                              for _, J in jacobians(model, x, chunk)])
+            return torch.cat([_apply_sketch(J, bucket, sign, sketch) for _, J in jacobians(model, x, chunk)])
 
         sa = sketched(xa)
         sb = sa if xb is xa else sketched(xb)
