@@ -20,6 +20,8 @@ function-space distance on task k's input distribution:
 from __future__ import annotations
 
 import copy
+import functools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,7 @@ from .data import Data, keep_classes, load, permute_pixels
 from .train import predict, train
 
 __all__ = ["Task", "split_tasks", "split_cifar_tasks", "permuted_tasks", "benchmark", "BENCHMARKS", "METHODS",
-           "regulariser", "run_continual", "validation_tasks", "best_lambda"]
+           "regulariser", "run_continual", "continual_job", "validation_tasks", "best_lambda"]
 
 METHODS = ("finetune", "ewc", "kfac", "coreset", "laftr")
 BENCHMARKS = ("split_mnist", "permuted_mnist", "split_cifar")
@@ -170,3 +172,44 @@ def run_continual(tasks: list[Task], net: torch.nn.Module, method: str = "laftr"
         for k in range(t + 1):
             R[t, k] = _accuracy(net, tasks[k])
     return R
+
+
+CONTINUAL_SPEC_KEYS = ("benchmark", "validation", "method", "lam", "reg", "train", "seed", "device")
+
+
+def continual_job(spec: dict) -> torch.Tensor:
+    """One run of a continual-learning sweep, rebuilt from its description alone (a job of
+    :func:`mpe.retrain.run_specs`, here or on a Dask worker)::
+
+        {"benchmark": {"name": "permuted_mnist", "dataset": "mnist5k", "hidden": [100, 100], "n_tasks": 3},
+                                              # benchmark()'s arguments (cifar_datasets too for split_cifar)
+         "validation": {"frac": 0.2, "seed": 100},  # or None: validation_tasks() of it, on which λ is chosen
+         "method": "laftr", "lam": 1.0,       # run_continual's method and λ
+         "reg": {"n_samples": 40, "n_coreset": 40},  # the regulariser's keywords (mpe.fsd.estimator)
+         "train": {"optimizer": "adam", "lr": 0.001, "epochs": 3, "batch_size": 128},  # mpe.train.train's, no seed
+         "seed": 0,                           # the network's initialisation and the minibatch order
+         "device": "cpu"}
+
+    Returns the accuracy matrix R (T, T) of :func:`run_continual`. The tasks are built once per process."""
+    from . import get_device
+    from .models import get_model
+
+    missing, unknown = set(CONTINUAL_SPEC_KEYS) - set(spec), set(spec) - set(CONTINUAL_SPEC_KEYS)
+    if missing or unknown:
+        raise ValueError(f"a continual_job spec needs exactly {', '.join(CONTINUAL_SPEC_KEYS)} "
+                         f"(missing {sorted(missing)}, unknown {sorted(unknown)})")
+    if "seed" in spec["train"]:
+        raise ValueError("the spec's 'seed' sets the initialisation and minibatch order; remove 'seed' from 'train'")
+    tasks, net_kw = _tasks(json.dumps(spec["benchmark"], sort_keys=True), json.dumps(spec["validation"], sort_keys=True))
+    net = get_model(**net_kw, seed=spec["seed"]).to(get_device(spec["device"]))
+    return run_continual(tasks, net, spec["method"], lam=spec["lam"], reg_kw=spec["reg"], seed=spec["seed"],
+                         **spec["train"])
+
+
+@functools.lru_cache(maxsize=2)
+def _tasks(bench: str, validation: str) -> tuple[list[Task], dict]:
+    """(tasks, network keywords) of a benchmark's JSON description, or of its validation tasks (shared by the jobs of
+    this process that name them: read them, never change them in place)."""
+    _, tasks, net_kw = benchmark(**json.loads(bench))
+    val = json.loads(validation)
+    return (tasks if val is None else validation_tasks(tasks, val["frac"], seed=val["seed"])), net_kw

@@ -499,7 +499,8 @@ def load(name: str, *, download: bool | None = None, dtype=torch.float32) -> Dat
     return data.described({"name": name} if dtype == torch.float32 else None)
 
 
-DATA_SPEC_KEYS = ("name", "classes", "n_train", "n_test", "seed", "permute", "flip", "flip_seed")
+DATA_SPEC_KEYS = ("name", "classes", "n_train", "n_test", "seed", "permute", "flip", "flip_seed", "dtype")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def from_spec(spec: dict) -> Data:
@@ -509,18 +510,21 @@ def from_spec(spec: dict) -> Data:
     ``load(name).subset(n_train, n_test, seed)``; optional ``"classes": [indices]`` first keeps only those classes
     (:func:`keep_classes`; dattri's CIFAR-2 is ``"classes": [3, 5]``), ``"permute": seed`` then permutes the pixels
     (:func:`permute_pixels`) and ``"flip": fraction, "flip_seed": int`` flips that fraction of the training labels
-    (:func:`flip_labels`). Unknown keys are an error, so a typo never silently names the whole data set. The result
+    (:func:`flip_labels`); ``"dtype": "float64"`` loads the inputs in double precision (default "float32"). Unknown
+    keys are an error, so a typo never silently names the whole data set. The result
     is shared by every job of this process that names it: read it, never change it in place."""
     unknown = set(spec) - set(DATA_SPEC_KEYS)
     if unknown or "name" not in spec:
         raise ValueError(f"a data spec needs 'name' and may have {', '.join(DATA_SPEC_KEYS[1:])}; got {sorted(spec)}")
+    if spec.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"unknown dtype {spec['dtype']!r}; valid choices: {', '.join(DTYPES)}")
     return _from_spec(json.dumps(spec, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=4)
 def _from_spec(blob: str) -> Data:
     spec = json.loads(blob)
-    data = load(spec["name"])
+    data = load(spec["name"], dtype=DTYPES[spec.get("dtype", "float32")])
     if spec.get("classes") is not None:
         data = keep_classes(data, spec["classes"])
     data = data.subset(spec.get("n_train"), spec.get("n_test"), spec.get("seed", 0))

@@ -13,14 +13,17 @@ L(f(x_m, θ_m), y_m) − L(f(x_m, θˢ), y_m) ranks examples that the network me
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import json
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["pbrf", "self_influence", "DATA_TERMS", "data_terms"]
+__all__ = ["pbrf", "self_influence", "DATA_TERMS", "data_terms", "fitted", "pbrf_job"]
 
 DATA_TERMS = ("true", "laftr", "laftr_data", "ewc", "kfac", "subset")
 
@@ -164,3 +167,81 @@ def data_terms(model: nn.Module, x: torch.Tensor, names=DATA_TERMS, *, n_samples
         terms[name] = fsd.estimator("coreset" if name == "subset" else name, old, x, n_samples=n_samples,
                                     n_coreset=n_subset, resample=False, generator=g)
     return terms
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PBRF studies as jobs described by data
+# ----------------------------------------------------------------------------------------------------------
+STUDY_KEYS = ("data", "hidden", "fit_iters", "delta", "terms", "n_samples", "n_subset", "seed")
+
+
+@contextlib.contextmanager
+def _float64():
+    """Tensors made inside default to float64 (the data terms' samples; the PBRF solve needs it), as in the notebooks."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def fitted(study: dict) -> tuple:
+    """(data, network, data terms) of a PBRF study, rebuilt from its JSON description and kept for this process::
+
+        {"data": {"name": "digits", "dtype": "float64"},  # mpe.data.from_spec (float64: the solves need it)
+         "hidden": [64, 64],                  # a ReLU MLP, float64, initialised from "seed"
+         "fit_iters": 300, "delta": 1.0,      # full-batch L-BFGS to θˢ, prior precision δ
+         "terms": ["true", "laftr", ...],     # data_terms' names (their samples are drawn in this order)
+         "n_samples": 2000, "n_subset": 40, "seed": 0}
+
+    The notebook that sets up a study and the jobs that solve its PBRFs (:func:`pbrf_job`) share one fit; read the
+    results, never change them in place."""
+    missing, unknown = set(STUDY_KEYS) - set(study), set(study) - set(STUDY_KEYS)
+    if missing or unknown:
+        raise ValueError(f"a PBRF study needs exactly {', '.join(STUDY_KEYS)} (missing {sorted(missing)}, unknown "
+                         f"{sorted(unknown)})")
+    return _fitted(json.dumps(study, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2)
+def _fitted(blob: str) -> tuple:
+    from .data import from_spec
+    from .models import get_model
+    from .train import train
+
+    study = json.loads(blob)
+    data = from_spec(study["data"])
+    if data.x_train.dtype != torch.float64:
+        raise ValueError("a PBRF study needs float64 data: add \"dtype\": \"float64\" to its data spec")
+    with _float64():
+        net = get_model("mlp", data.shape, data.n_classes, seed=study["seed"], hidden=tuple(study["hidden"]),
+                        activation="relu").double()
+        train(net, data.x_train, data.y_train, optimizer="lbfgs", epochs=study["fit_iters"], lr=1.0,
+              delta=study["delta"])
+        terms = data_terms(net, data.x_train, study["terms"], n_samples=study["n_samples"],
+                           n_subset=study["n_subset"], seed=study["seed"])
+    return data, net, terms
+
+
+def pbrf_job(spec: dict) -> dict:
+    """The self-influences of one data term in a PBRF study, a job of :func:`mpe.retrain.run_specs`::
+
+        {"study": {...},                      # see fitted()
+         "term": "laftr",                     # one of the study's terms
+         "examples": [3, 17, ...],            # training indices (None: all), ε = 1/N
+         "damping": 0.001, "steps": 100}      # the solve's λ and L-BFGS iterations
+
+    Returns {"influence" (M,), "diverged" (M,) bool, "grad_ratio" (M,), "route"} (:func:`self_influence`)."""
+    keys = {"study", "term", "examples", "damping", "steps"}
+    if set(spec) != keys:
+        raise ValueError(f"a pbrf_job spec needs exactly {', '.join(sorted(keys))}; got {sorted(spec)}")
+    data, net, terms = fitted(spec["study"])
+    if spec["term"] not in terms:
+        raise ValueError(f"term {spec['term']!r} is not one of the study's terms {list(terms)}")
+    idx = slice(None) if spec["examples"] is None else torch.as_tensor(spec["examples"]).long()
+    report = {}  # per-solve checks: did the solve leave the trust radius (diverge)? the gradient norm ratio
+    with _float64():
+        values = self_influence(net, data.x_train[idx], data.y_train[idx], lambda i: terms[spec["term"]],
+                                eps=1 / len(data.y_train), damping=spec["damping"], steps=spec["steps"], report=report)
+    return dict(influence=values, diverged=report["diverged"], grad_ratio=report["grad_ratio"], route=report["route"])

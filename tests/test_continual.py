@@ -137,3 +137,28 @@ def test_best_lambda_takes_the_best_mean_and_breaks_ties_low():
     assert best_lambda([30.0, 3.0], [0.9, 0.9]) == 3.0
     with pytest.raises(ValueError):
         best_lambda([], [])
+
+
+def test_continual_job_rebuilds_the_run_from_its_description(tmp_path):
+    """A job described by data gives the run that the notebook built from tensors, on the benchmark or on its
+    validation tasks; run_specs caches it under its spec; a malformed spec is an error naming the keys."""
+    from mpe.continual import benchmark, continual_job, validation_tasks
+    from mpe.models import get_model
+    from mpe.retrain import run_specs
+
+    bench = dict(name="permuted_mnist", dataset="digits", hidden=[8], n_tasks=2)
+    train = dict(optimizer="adam", lr=0.01, epochs=1, batch_size=64)
+    spec = dict(benchmark=bench, validation=None, method="ewc", lam=10.0, reg=dict(n_samples=5, n_coreset=5), seed=3,
+                train=train, device="cpu")
+    _, tasks, net = benchmark(**bench)
+    for validation, on in ((None, tasks), (dict(frac=0.25, seed=7), validation_tasks(tasks, 0.25, seed=7))):
+        want = run_continual(on, get_model(**net, seed=3), "ewc", lam=10.0, reg_kw=dict(n_samples=5, n_coreset=5),
+                             seed=3, **train)
+        torch.testing.assert_close(continual_job(dict(spec, validation=validation)), want, rtol=0, atol=0, equal_nan=True)
+    (got,) = run_specs(continual_job, [spec], tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    torch.testing.assert_close(got, continual_job(spec), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="unknown \\['lr'\\]"):
+        continual_job(dict(spec, lr=0.1))
+    with pytest.raises(ValueError, match="remove 'seed'"):
+        continual_job(dict(spec, train=dict(train, seed=1)))

@@ -169,3 +169,37 @@ def test_lbfgs_pbrf_refuses_float32():
     x, y = torch.randn(5, 1, 1, 3), torch.randint(0, 3, (5,))
     with pytest.raises(ValueError, match="float64"):
         pbrf(model, x[:1], y[:1], lambda net: (net[1].weight ** 2).sum(), eps=0.2)
+
+
+def test_pbrf_job_rebuilds_the_study_from_its_description(tmp_path):
+    """A PBRF job described by data gives the self-influences computed from the fitted study's tensors, with ε = 1/N
+    of the (flipped) training set; run_specs caches one file per job; malformed specs are errors."""
+    from mpe.data import from_spec
+    from mpe.influence import fitted, pbrf_job
+    from mpe.retrain import run_specs
+
+    study = dict(data=dict(name="digits", n_train=60, seed=1, flip=0.1, flip_seed=2, dtype="float64"), hidden=[8],
+                 fit_iters=20, delta=1.0, terms=["true", "ewc", "subset"], n_samples=20, n_subset=10, seed=3)
+    data, net, terms = fitted(study)
+    assert fitted(study)[1] is net  # one fit per process
+    assert next(net.parameters()).dtype == torch.float64 and torch.get_default_dtype() == torch.float32
+    assert (data.y_train != from_spec(dict(name="digits", n_train=60, seed=1)).y_train).sum() == 6
+    specs = [dict(study=study, term=k, examples=[0, 5, 9], damping=1e-3, steps=5) for k in ("subset", "ewc")]
+    got = run_specs(pbrf_job, specs, tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    torch.set_default_dtype(torch.float64)
+    try:
+        idx = torch.tensor([0, 5, 9])
+        for spec, out in zip(specs, got):
+            want = self_influence(net, data.x_train[idx], data.y_train[idx], lambda i: terms[spec["term"]], eps=1 / 60,
+                                  damping=1e-3, steps=5)
+            torch.testing.assert_close(out["influence"], want, rtol=0, atol=0, equal_nan=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert got[1]["route"] == "linear response" and got[0]["route"] == "L-BFGS"
+    with pytest.raises(ValueError, match="not one of the study's terms"):
+        pbrf_job(dict(specs[0], term="kfac"))
+    with pytest.raises(ValueError, match="float64"):
+        fitted(dict(study, data=dict(name="digits", n_train=60)))
+    with pytest.raises(ValueError, match="unknown \\['lr'\\]"):
+        fitted(dict(study, lr=1.0))
