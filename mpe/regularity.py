@@ -203,7 +203,7 @@ def unified_runs(data, model: str, seeds, *, device=None, offline: bool = True, 
     every seed, as cached jobs keyed by the data, the model, the seed and every training setting, so notebooks that
     share a setting share the runs and an interrupted sweep resumes. Data that carries its description
     (``data.spec``: made by :func:`mpe.data.load`, ``subset``, ``permute_pixels``) runs as jobs described by data
-    (:func:`unified_job`, here or on a Dask worker); other data (e.g. relabelled) as closures over its tensors."""
+    (:func:`unified_job`, here or on a Dask worker); other data (a user's own tensors) as closures over them."""
     from .models import get_model
     from .retrain import job_key, run_jobs, run_specs, tensor_digest
 

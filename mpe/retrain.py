@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import hashlib
 import importlib
 import json
@@ -26,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .train import (LearningDifficulty, VisitRecorder, flat_params, nll_and_error, predict, set_flat_params, train, train_many,
+from .train import (LearningDifficulty, VisitRecorder, flat_params, nll_and_error, predict, train, train_many,
                     vectorisable)
 
-__all__ = ["job_key", "tensor_digest", "run_jobs", "removal_jobs", "retrained_outputs", "default_cache", "subset_runs",
-           "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed", "run_specs", "spec_key",
-           "fit_subset", "fit_subsets", "code_fingerprint", "code_closure", "EVALUATIONS"]
+__all__ = ["job_key", "tensor_digest", "run_jobs", "stash", "unstash", "warm_retrain", "retrained_outputs",
+           "default_cache", "subset_runs", "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed",
+           "run_specs", "spec_key", "fit_subset", "fit_subsets", "code_fingerprint", "code_closure", "EVALUATIONS"]
 
 
 def default_cache(name: str) -> Path:
@@ -442,32 +443,6 @@ def _kept(n: int, group) -> torch.Tensor:
     return torch.nonzero(keep).flatten()
 
 
-def removal_jobs(model, x, y, removed: list, probe: torch.Tensor, train_kw: dict, tag: dict) -> dict:
-    """Jobs that warm-start from the model's current parameters θ_* and retrain without each group in ``removed``.
-
-    ``removed`` is a list of index lists; each job returns the softmax outputs on ``probe`` (M, ...) after
-    retraining, as a tensor (M, K). ``tag`` (data, model and θ_* identity) enters the cache key together with
-    ``train_kw``, the group and digests of θ_*, the data and the probe, so a changed setting never reuses a stale
-    result.
-    """
-    theta = flat_params(model).clone()
-    n = len(x)
-
-    def make(group):
-        def job():
-            set_flat_params(model, theta)
-            keep = _kept(n, group)
-            train(model, x[keep], y[keep], **train_kw)
-            out = torch.softmax(predict(model, probe), 1).cpu()
-            set_flat_params(model, theta)
-            return out
-        return job
-
-    digests = dict(theta=tensor_digest(theta), data=tensor_digest(x) + tensor_digest(y), probe=tensor_digest(probe))
-    device = theta.device.type
-    return {job_key(group=list(map(int, g)), train=train_kw, device=device, **digests, **tag): make(g) for g in removed}
-
-
 def _fit_chunks(todo: list, make_model, x, y, kw: dict, evaluate, results: dict, bar, *, chunk: int, vectorised,
                 callbacks=None) -> None:
     """Train and evaluate the runs ``todo`` [(key, kept indices, seed, cache path or None)], ``chunk`` at a time:
@@ -493,39 +468,124 @@ def _fit_chunks(todo: list, make_model, x, y, kw: dict, evaluate, results: dict,
             bar.update(len(part))
 
 
-def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, tag: dict, cache=None,
-                      desc: str = "retrain", vectorise="auto", chunk: int = CHUNK):
-    """Softmax outputs on ``probe`` after warm-started retraining without each group, and for a reference run.
+# ----------------------------------------------------------------------------------------------------------
+# Warm-started retrains: the starting network and the data travel as names in a content-addressed store
+# ----------------------------------------------------------------------------------------------------------
+def stash(obj, store: Path | None = None) -> str:
+    """Keep a tensor, or a module (its architecture and parameters, on the CPU), in the content-addressed ``store``
+    (default ``default_cache("stash")``: under ``$MPE_RESULTS_DIR``, which on a cluster is the shared file system),
+    written once, atomically; returns its name, which a job's spec carries in its place (:func:`unstash`). Equal
+    contents get equal names, so a spec that names them is keyed by what it computes from."""
+    if isinstance(obj, torch.Tensor):
+        name, obj = "t" + tensor_digest(obj), obj.detach().cpu()
+    elif isinstance(obj, torch.nn.Module):
+        h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}\n{obj!r}".encode())
+        for key, value in obj.state_dict().items():
+            h.update(f"{key}:{tensor_digest(value)}".encode())
+        name, obj = "m" + h.hexdigest()[:16], copy.deepcopy(obj).cpu()
+    else:
+        raise TypeError(f"stash keeps tensors and modules, not {type(obj).__name__}")
+    store = Path(store) if store is not None else default_cache("stash")
+    path = store / f"{name}.pt"
+    if not path.exists():
+        store.mkdir(parents=True, exist_ok=True)
+        save_result(path, obj)
+    return name
+
+
+def unstash(name: str, store: Path | None = None):
+    """The tensor or module :func:`stash` named ``name`` (a module as a new copy, to train; a tensor shared by the
+    jobs of this process: read it, never change it in place); a clear error where the store lacks it."""
+    store = Path(store) if store is not None else default_cache("stash")
+    path = store / f"{name}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: a job names a stashed tensor or network that this worker cannot "
+                                "see (point $MPE_RESULTS_DIR at the store shared with the process that made the specs)")
+    obj = _unstashed(str(path))
+    return copy.deepcopy(obj) if isinstance(obj, torch.nn.Module) else obj
+
+
+@functools.lru_cache(maxsize=16)
+def _unstashed(path: str):
+    return torch.load(path, weights_only=False)
+
+
+WARM_SPEC_KEYS = ("start", "x", "y", "probe", "removed", "train", "device")
+
+
+def warm_retrain(spec: dict) -> torch.Tensor:
+    """The job of a removal study: retrain a network from a trained state without some examples, then report its
+    softmax outputs on probe inputs. ``spec``::
+
+        {"start": "m…",                  # the trained network θ_* (stash): architecture and parameters
+         "x": "t…", "y": "t…",           # its training data (stash)
+         "probe": "t…",                  # inputs to report the outputs on (M, ...) (stash)
+         "removed": [3],                 # sorted training indices left out ([]: the reference run on all the data)
+         "train": {"optimizer": "lbfgs", "lr": 1.0, "epochs": 50, "delta": 1.0},  # mpe.train.train keywords
+         "device": "cpu"}
+
+    Returns the softmax outputs (M, K) on the CPU. :func:`warm_retrains` runs many, vectorised where it pays."""
+    return warm_retrains([spec])[0]
+
+
+def _warm_group(spec: dict) -> str:
+    """Specs with equal groups retrain together: all but the removed examples are the same."""
+    missing, unknown = set(WARM_SPEC_KEYS) - set(spec), set(spec) - set(WARM_SPEC_KEYS)
+    if missing or unknown:
+        raise ValueError(f"a warm_retrain spec needs exactly {', '.join(WARM_SPEC_KEYS)} (missing {sorted(missing)}, "
+                         f"unknown {sorted(unknown)})")
+    if any(b <= a for a, b in zip(spec["removed"], spec["removed"][1:])):
+        raise ValueError("'removed' must list sorted, distinct indices")
+    return json.dumps({k: v for k, v in spec.items() if k != "removed"}, sort_keys=True)
+
+
+def warm_retrains(specs: list, vectorise="auto") -> list:
+    """:func:`warm_retrain` of each spec, in order: the retrains of one group (:func:`_warm_group`) train together by
+    :func:`mpe.train.train_many` where it applies and pays (equal to one ``train`` each to float rounding; always
+    one by one for a single spec), else one after another."""
+    from . import get_device
+
+    out, groups = [None] * len(specs), {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(_warm_group(spec), []).append(i)
+    for members in groups.values():
+        first = specs[members[0]]
+        dev = get_device(first["device"])
+        start = unstash(first["start"]).to(dev)
+        x, y, probe = (unstash(first[k]) for k in ("x", "y", "probe"))
+        kw = {k: v for k, v in first["train"].items() if k != "seed"}
+        todo = [(i, _kept(len(x), specs[i]["removed"]), first["train"].get("seed", 0), None) for i in members]
+        fast = (lambda m: False) if len(todo) == 1 else _vectorise_rule(x[:1], kw, len(x), vectorise)
+        results = {}
+        _fit_chunks(todo, lambda i, seed: copy.deepcopy(start), x, y, kw,
+                    lambda m, cb: torch.softmax(predict(m, probe), 1).cpu(), results, None, chunk=len(todo),
+                    vectorised=fast)
+        for i in members:
+            out[i] = results[i]
+    return out
+
+
+warm_retrain.batched = warm_retrains
+warm_retrain.group = _warm_group
+
+
+def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, cache=None, desc: str = "retrain",
+                      vectorise="auto", chunk: int = CHUNK, executor=None):
+    """Softmax outputs on ``probe`` after warm-started retraining from ``model``'s parameters θ_* without each group,
+    and for a reference run.
 
     The reference is the same protocol on all the data, so comparing with it cancels any drift of an imperfectly
-    converged θ_*. Returns (reference (M, K), [outputs (M, K) per group]); every run is a cached job. Minibatch
-    recipes that :func:`mpe.train.train_many` can vectorise run up to ``chunk`` retrains at a time where it pays
-    (``vectorise="auto"``, :func:`vectorise_pays`; equal to the one-by-one jobs to float rounding, same cache keys).
-    """
-    removed = [[]] + [list(g) for g in groups]
-    jobs = removal_jobs(model, x, y, removed, probe, train_kw, tag)
-    kw = {k: v for k, v in train_kw.items() if k != "seed"}
-    fast = vectorisable(model, **kw) is None and (
-        vectorise == "auto" and vectorise_pays(model, x[:1], kw.get("batch_size", 256), len(x)) or vectorise is True)
-    if not fast:
-        res = run_jobs(jobs, cache, desc=desc)
-    else:
-        res, paths = load_cached(jobs, cache)
-        todo = [(key, _kept(len(x), group), train_kw.get("seed", 0), paths[key])
-                for key, group in zip(jobs, removed) if key in paths]
-        theta = flat_params(model).clone()
-
-        def warm_copy(key, seed):
-            m = copy.deepcopy(model)
-            set_flat_params(m, theta)
-            return m
-
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(todo), desc=f"{desc} ({len(res)} cached, vectorised)", disable=not todo) as bar:
-            _fit_chunks(todo, warm_copy, x, y, kw, lambda m, cb: torch.softmax(predict(m, probe), 1).cpu(), res,
-                        bar, chunk=chunk, vectorised=lambda m: True)
-    outs = [res[k] for k in jobs]
+    converged θ_*. Returns (reference (M, K), [outputs (M, K) per group]). Every run is a job described by data
+    (:func:`warm_retrain`): the network, the data and the probe go to the store once (:func:`stash`) and the specs
+    name them, so a run is cached under what it computes from, resumes after an interruption, and runs here or on a
+    Dask ``executor``. Minibatch recipes that :func:`mpe.train.train_many` can vectorise run up to ``chunk``
+    retrains at a time where it pays (``vectorise="auto"``, :func:`vectorise_pays`; False: one by one).
+    ``model`` is not changed."""
+    names = dict(start=stash(model), x=stash(x), y=stash(y), probe=stash(probe))
+    device = next(model.parameters()).device.type
+    specs = [dict(names, removed=sorted(int(i) for i in g), train=train_kw, device=device)
+             for g in [[]] + [list(g) for g in groups]]
+    outs = run_specs(warm_retrain, specs, cache, executor=executor, desc=desc, chunk=chunk if vectorise else 1)
     return outs[0], outs[1:]
 
 

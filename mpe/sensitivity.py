@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import curvature as C
 from .curvature import softmax_hessian
-from .retrain import job_key, retrained_outputs, run_jobs
+from .retrain import retrained_outputs, run_specs, stash, unstash
 from .train import nll_and_error, predict, train
 
 __all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_truth",
@@ -92,7 +92,7 @@ def loo_nll(logits: torch.Tensor, y: torch.Tensor, V: torch.Tensor, form: str = 
 
 
 def removal_truth(model, x: torch.Tensor, y: torch.Tensor, removed, *, delta: float, retrain_iters: int = 50,
-                  retrain: dict | None = None, cache=None, tag: dict | None = None) -> torch.Tensor:
+                  retrain: dict | None = None, cache=None) -> torch.Tensor:
     r"""The true deviation of the softmax output of each removed example i (R,): Σ_k |σ(f_i(θ^{\i}))_k −
     σ(f_i(θ_ref))_k|, where θ^{\i} is a warm-started retrain from ``model``'s parameters without i and θ_ref the same
     protocol on all the data (so any drift of an imperfectly converged θ_* cancels): ``retrain_iters`` iterations of
@@ -101,13 +101,13 @@ def removal_truth(model, x: torch.Tensor, y: torch.Tensor, removed, *, delta: fl
     idx = [int(i) for i in removed]
     kw = dict(optimizer="lbfgs", lr=1.0, epochs=retrain_iters, delta=delta) if retrain is None else dict(retrain, delta=delta)
     unit = "iterations" if kw["optimizer"] == "lbfgs" else "epochs"
-    ref, outs = retrained_outputs(model, x, y, [[i] for i in idx], x[idx], kw, tag or {}, cache,
+    ref, outs = retrained_outputs(model, x, y, [[i] for i in idx], x[idx], kw, cache,
                                   desc=f"retrain ({kw['optimizer']}, {kw['epochs']} {unit})")
     return torch.stack([(out[j] - ref[j]).abs().sum() for j, out in enumerate(outs)])
 
 
 def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, removed, retrain_iters: int = 50,
-                  posterior: str = "kfac", cache=None, tag: dict | None = None, check_iters: int | None = None,
+                  posterior: str = "kfac", cache=None, check_iters: int | None = None,
                   n_check: int = 0, retrain: dict | None = None) -> dict:
     r"""Estimated vs true deviation of the softmax output when single examples are removed (MPE Fig. 2).
 
@@ -127,7 +127,7 @@ def removal_study(model, x: torch.Tensor, y: torch.Tensor, *, delta: float, remo
     p = torch.softmax(logits, 1)
     e = residuals(logits, y.to(logits.device))
     estimate = {form: sensitivity(p, V, e, form).cpu() for form in FORMS}
-    kw = dict(delta=delta, cache=cache, tag=tag)
+    kw = dict(delta=delta, cache=cache)
     truth = removal_truth(model, x, y, removed, retrain_iters=retrain_iters, retrain=retrain, **kw)
     check = None
     if n_check and retrain is None:
@@ -147,11 +147,12 @@ def leverage(p: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 
 
 def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500, posterior: str = "kfac",
-              cache=None, tag: dict | None = None) -> list[dict]:
+              cache=None, executor=None) -> list[dict]:
     """Fig. 4/7: for each prior precision δ, fit θ_*(δ) from the same initialisation, then the LOO-CV estimate.
 
-    ``make_model()`` must return the same initialisation every call. Each δ is a cached job. Returns one dict per δ:
-    ``delta``, ``loo`` {form: mean LOO NLL}, ``test_nll``, ``test_err``, ``train_nll``, ``train_err``, the
+    ``make_model()`` returns the initialisation. Each δ is a job described by data (:func:`loo_job`; the network and
+    the data go to the store once, :func:`mpe.retrain.stash`), cached, here or on a Dask ``executor``. Returns one
+    dict per δ: ``delta``, ``loo`` {form: mean LOO NLL}, ``test_nll``, ``test_err``, ``train_nll``, ``train_err``, the
     per-example values behind the means (for intervals): ``loo_per_example`` {form: (N,)}, ``test_per_example`` (M,),
     and the leverage of every training example (:func:`leverage`, (N,)): where it nears 1 the first-order forms miss
     most of an example's pull on its own prediction.
@@ -160,29 +161,35 @@ def loo_sweep(make_model, x, y, x_test, y_test, deltas, *, fit_iters: int = 500,
     if posterior not in C.LAPLACE:  # fail before any training
         raise ValueError(f"unknown posterior {posterior!r}; valid choices: {', '.join(C.LAPLACE)}")
 
-    def job(delta):
-        def run():
-            model = make_model()
-            train(model, x, y, optimizer="lbfgs", lr=1.0, epochs=fit_iters, delta=delta)
-            V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
-            logits = predict(model, x)
-            yy = y.to(logits.device)
-            test_nll, test_err = nll_and_error(model, x_test, y_test)
-            train_nll, train_err = nll_and_error(model, x, y)
-            per_example = {f: loo_nll(logits, yy, V, f, reduce=False).detach().cpu() for f in FORMS}
-            test_logits = predict(model, x_test)
-            test_per_example = F.cross_entropy(test_logits, y_test.to(test_logits.device), reduction="none").cpu()
-            return dict(delta=float(delta), loo={f: float(v.mean()) for f, v in per_example.items()},
-                        test_nll=test_nll, test_err=test_err, train_nll=train_nll, train_err=train_err,
-                        loo_per_example=per_example, test_per_example=test_per_example,
-                        leverage=leverage(torch.softmax(logits, 1), V).detach().cpu())
-        return run
+    start = make_model()
+    names = dict(start=stash(start), x=stash(x), y=stash(y), x_test=stash(x_test), y_test=stash(y_test))
+    device = next(start.parameters()).device.type  # part of the key: results round differently per device
+    specs = [dict(names, delta=float(d), fit_iters=fit_iters, posterior=posterior, device=device) for d in deltas]
+    return run_specs(loo_job, specs, cache, executor=executor, desc="δ sweep")
 
-    device = next(make_model().parameters()).device.type  # part of the key: results round differently per device
-    jobs = {job_key(delta=float(d), fit_iters=fit_iters, posterior=posterior, device=device, **(tag or {})): job(d)
-            for d in deltas}
-    res = run_jobs(jobs, cache, desc="δ sweep")
-    return [res[k] for k in jobs]
+
+def loo_job(spec: dict) -> dict:
+    """One δ of :func:`loo_sweep`, rebuilt from its description: ``{"start": the initial network, "x", "y", "x_test",
+    "y_test": its data (names in the store, mpe.retrain.stash), "delta": δ, "fit_iters": L-BFGS iterations,
+    "posterior": a Laplace posterior of mpe.curvature.LAPLACE, "device": "cpu" | "cuda" | ...}``."""
+    from . import get_device
+
+    model = unstash(spec["start"]).to(get_device(spec["device"]))
+    x, y, x_test, y_test = (unstash(spec[k]) for k in ("x", "y", "x_test", "y_test"))
+    delta, posterior = spec["delta"], spec["posterior"]
+    train(model, x, y, optimizer="lbfgs", lr=1.0, epochs=spec["fit_iters"], delta=delta)
+    V = C.predictive_covariance(model, x, C.laplace_posterior(posterior, model, x, delta))
+    logits = predict(model, x)
+    yy = y.to(logits.device)
+    test_nll, test_err = nll_and_error(model, x_test, y_test)
+    train_nll, train_err = nll_and_error(model, x, y)
+    per_example = {f: loo_nll(logits, yy, V, f, reduce=False).detach().cpu() for f in FORMS}
+    test_logits = predict(model, x_test)
+    test_per_example = F.cross_entropy(test_logits, y_test.to(test_logits.device), reduction="none").cpu()
+    return dict(delta=float(delta), loo={f: float(v.mean()) for f, v in per_example.items()},
+                test_nll=test_nll, test_err=test_err, train_nll=train_nll, train_err=train_err,
+                loo_per_example=per_example, test_per_example=test_per_example,
+                leverage=leverage(torch.softmax(logits, 1), V).detach().cpu())
 
 
 def training_posterior(source: str, state, x, delta: float):
@@ -349,7 +356,7 @@ def loo_during_training(make_model, data, methods: dict, *, at_epochs, epochs: i
 
 
 def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "kfac", retrain_iters: int = 100,
-               retrain: dict | None = None, cache=None, tag: dict | None = None) -> list[dict]:
+               retrain: dict | None = None, cache=None) -> list[dict]:
     r"""Fig. 3(a)/11(d): leave-one-class-out estimate vs the test NLL after retraining without that class.
 
     The model must sit at θ_*. For each class c, the estimate is LOCO_c = mean over training examples i of class c of
@@ -371,7 +378,7 @@ def loco_study(model, x, y, x_test, y_test, *, delta: float, posterior: str = "k
     classes = sorted(int(c) for c in torch.unique(y))
     groups = [torch.nonzero(y == c).flatten().tolist() for c in classes]
     kw = dict(optimizer="lbfgs", lr=1.0, epochs=retrain_iters, delta=delta) if retrain is None else dict(retrain, delta=delta)
-    ref, outs = retrained_outputs(model, x, y, groups, x_test, kw, dict(tag or {}, study="loco"), cache, "class removal")
+    ref, outs = retrained_outputs(model, x, y, groups, x_test, kw, cache, "class removal")
     yt = y_test.cpu()
 
     def scores(probs, rows=slice(None)):  # mean NLL and accuracy on the test rows ``rows``
@@ -421,21 +428,21 @@ def group_deviation(model, x: torch.Tensor, y: torch.Tensor, groups, posterior) 
     return {k: torch.tensor(v) for k, v in out.items()}
 
 
-def group_removal_truth(model, x, y, groups, *, delta: float, retrain_iters: int = 200, cache=None,
-                        tag: dict | None = None) -> torch.Tensor:
+def group_removal_truth(model, x, y, groups, *, delta: float, retrain_iters: int = 200,
+                        cache=None) -> torch.Tensor:
     r"""The true Σ_{i∈M} Σ_k |Δp_ik| of removing each group M (G,): a warm-started L-BFGS retrain from ``model``'s
     parameters without M, compared with the same protocol on all the data (cached jobs)."""
     kw = dict(optimizer="lbfgs", lr=1.0, epochs=retrain_iters, delta=delta)
-    ref, outs = retrained_outputs(model, x, y, groups, x, kw, dict(tag or {}, study="groups"), cache, "group removal")
+    ref, outs = retrained_outputs(model, x, y, groups, x, kw, cache, "group removal")
     return torch.tensor([(out[list(g)] - ref[list(g)]).abs().sum().item() for g, out in zip(groups, outs)])
 
 
 def group_removal_study(model, x, y, groups, *, delta: float, posterior: str = "full", retrain_iters: int = 200,
-                        cache=None, tag: dict | None = None) -> dict:
+                        cache=None) -> dict:
     r"""Fig. 6: estimated (:func:`group_deviation`) vs true (:func:`group_removal_truth`) Σ_{i∈M} Σ_k |Δp_ik| for
     removing each group M. Returns {"truth": (G,), "joint": (G,), "sum": (G,)}."""
     est = group_deviation(model, x, y, groups, C.laplace_posterior(posterior, model, x, delta))
-    truth = group_removal_truth(model, x, y, groups, delta=delta, retrain_iters=retrain_iters, cache=cache, tag=tag)
+    truth = group_removal_truth(model, x, y, groups, delta=delta, retrain_iters=retrain_iters, cache=cache)
     return dict(truth=truth, **est)
 
 

@@ -1,4 +1,6 @@
 """The training loop's conventions, callbacks, and resumable retraining jobs."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -91,23 +93,27 @@ def test_jobs_resume_after_interruption(tmp_path):
     assert job_key(i=1, a=2) == job_key(a=2, i=1) != job_key(i=1, a=3)
 
 
-def test_removal_job_keys_change_with_the_probe_the_data_and_theta():
-    from mpe.retrain import removal_jobs
+def test_warm_retrain_specs_change_with_the_probe_the_data_and_theta(tmp_path, monkeypatch):
+    """The stash names what a warm-started retrain computes from: equal contents, equal names; another probe, other
+    data or another θ_*, other names (the stale-cache case); unstash gives the module back as a new copy."""
+    from mpe.retrain import stash, unstash
 
+    monkeypatch.setenv("MPE_RESULTS_DIR", str(tmp_path))
     net = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
-    x, y = torch.randn(8, 1, 1, 3), torch.randint(0, 2, (8,))
-    kw = dict(optimizer="lbfgs", lr=1.0, epochs=2)
-
-    def keys(probe, xx=x):
-        return set(removal_jobs(net, xx, y, [[0], [1]], probe, kw, {}))
-
-    base = keys(x[:4])
-    assert base == keys(x[:4].clone())  # same values, same keys
-    assert not base & keys(x[:5])       # another probe (the stale-cache case)
-    assert not base & keys(x[:4], x + 1)
+    x = torch.randn(8, 1, 1, 3)
+    name = stash(net)
+    assert stash(x[:4]) == stash(x[:4].clone()) and stash(copy.deepcopy(net)) == name  # same values, same names
+    assert stash(x[:4]) != stash(x[:5]) and stash(x) != stash(x + 1)
     with torch.no_grad():
         net[1].bias += 1
-    assert not base & keys(x[:4])
+    assert stash(net) != name
+    back = unstash(name)
+    assert back is not unstash(name) and not torch.equal(back[1].bias, net[1].bias)
+    torch.testing.assert_close(back[1].bias + 1, net[1].bias, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="MPE_RESULTS_DIR"):
+        unstash("t0000")
+    with pytest.raises(TypeError, match="tensors and modules"):
+        stash([1, 2])
 
 
 def test_step_and_constant_schedules():
