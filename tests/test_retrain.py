@@ -316,6 +316,9 @@ def _where(i):
 
 def test_dask_local_cluster_gives_the_local_results(tmp_path, monkeypatch):
     distributed = pytest.importorskip("distributed")
+    from mpe.retrain import retrained_outputs
+
+    monkeypatch.setenv("MPE_RESULTS_DIR", str(tmp_path / "results"))  # the stash: the workers inherit where it is
     x, y = data()
     kw = dict(epochs=2, lr=0.1, batch_size=16)
     runs = list(zip(subsets(sizes=(40, 30, 40)), [3, 4, 5]))
@@ -339,7 +342,15 @@ def test_dask_local_cluster_gives_the_local_results(tmp_path, monkeypatch):
         monkeypatch.delenv("MPE_DASK_SCHEDULER")
         specs = digit_specs("test_correct")  # jobs as data: each worker rebuilds the data and models from the spec
         spec_remote = run_specs(fit_subset, specs, tmp_path / "spec-dask", executor=client, progress=False)
+        # warm-started retrains: the workers read the trained network and the data from the stash by name
+        net = get_model("mlp", (1, 8, 8), 3, seed=0, hidden=[8]).double()
+        warm = (net, x.double(), y, [[0], [1, 2]], x[:5].double(), dict(optimizer="lbfgs", lr=1.0, epochs=5, delta=1.0))
+        warm_remote = retrained_outputs(*warm, tmp_path / "warm-dask", executor=client)
     spec_local = run_specs(fit_subset, specs, tmp_path / "spec-local", progress=False)
+    warm_local = retrained_outputs(*warm, tmp_path / "warm-local")
+    for a, b in zip([warm_local[0], *warm_local[1]], [warm_remote[0], *warm_remote[1]]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(warm_local[1][1], warm_local[0])  # the removals move the outputs
     assert all(torch.equal(a, b) for a, b in zip(spec_local, spec_remote))
     assert sorted(p.name for p in (tmp_path / "spec-local").iterdir()) == \
         sorted(p.name for p in (tmp_path / "spec-dask").iterdir())
