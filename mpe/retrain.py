@@ -579,13 +579,16 @@ def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, 
     (:func:`warm_retrain`): the network, the data and the probe go to the store once (:func:`stash`) and the specs
     name them, so a run is cached under what it computes from, resumes after an interruption, and runs here or on a
     Dask ``executor``. Minibatch recipes that :func:`mpe.train.train_many` can vectorise run up to ``chunk``
-    retrains at a time where it pays (``vectorise="auto"``, :func:`vectorise_pays`; False: one by one).
-    ``model`` is not changed."""
+    retrains at a time where it pays (``vectorise="auto"``, :func:`vectorise_pays`; False: one by one); any other
+    recipe (L-BFGS) runs and caches one retrain at a time, so an interrupted sweep loses at most one. ``model`` is
+    not changed."""
     names = dict(start=stash(model), x=stash(x), y=stash(y), probe=stash(probe))
     device = next(model.parameters()).device.type
     specs = [dict(names, removed=sorted(int(i) for i in g), train=train_kw, device=device)
              for g in [[]] + [list(g) for g in groups]]
-    outs = run_specs(warm_retrain, specs, cache, executor=executor, desc=desc, chunk=chunk if vectorise else 1)
+    kw = {k: v for k, v in train_kw.items() if k != "seed"}
+    together = bool(vectorise) and _vectorise_rule(x[:1], kw, len(x), vectorise)(model)  # else each run is cached
+    outs = run_specs(warm_retrain, specs, cache, executor=executor, desc=desc, chunk=chunk if together else 1)
     return outs[0], outs[1:]
 
 
