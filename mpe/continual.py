@@ -193,11 +193,9 @@ def continual_job(spec: dict) -> torch.Tensor:
     Returns the accuracy matrix R (T, T) of :func:`run_continual`. The tasks are built once per process."""
     from . import get_device
     from .models import get_model
+    from .retrain import check_spec
 
-    missing, unknown = set(CONTINUAL_SPEC_KEYS) - set(spec), set(spec) - set(CONTINUAL_SPEC_KEYS)
-    if missing or unknown:
-        raise ValueError(f"a continual_job spec needs exactly {', '.join(CONTINUAL_SPEC_KEYS)} "
-                         f"(missing {sorted(missing)}, unknown {sorted(unknown)})")
+    check_spec(spec, CONTINUAL_SPEC_KEYS, "continual_job")
     if "seed" in spec["train"]:
         raise ValueError("the spec's 'seed' sets the initialisation and minibatch order; remove 'seed' from 'train'")
     tasks, net_kw = _tasks(json.dumps(spec["benchmark"], sort_keys=True), json.dumps(spec["validation"], sort_keys=True))

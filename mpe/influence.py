@@ -197,10 +197,9 @@ def fitted(study: dict) -> tuple:
 
     The notebook that sets up a study and the jobs that solve its PBRFs (:func:`pbrf_job`) share one fit; read the
     results, never change them in place."""
-    missing, unknown = set(STUDY_KEYS) - set(study), set(study) - set(STUDY_KEYS)
-    if missing or unknown:
-        raise ValueError(f"a PBRF study needs exactly {', '.join(STUDY_KEYS)} (missing {sorted(missing)}, unknown "
-                         f"{sorted(unknown)})")
+    from .retrain import check_spec
+
+    check_spec(study, STUDY_KEYS, "PBRF study")
     return _fitted(json.dumps(study, sort_keys=True))
 
 
@@ -233,9 +232,9 @@ def pbrf_job(spec: dict) -> dict:
          "damping": 0.001, "steps": 100}      # the solve's λ and L-BFGS iterations
 
     Returns {"influence" (M,), "diverged" (M,) bool, "grad_ratio" (M,), "route"} (:func:`self_influence`)."""
-    keys = {"study", "term", "examples", "damping", "steps"}
-    if set(spec) != keys:
-        raise ValueError(f"a pbrf_job spec needs exactly {', '.join(sorted(keys))}; got {sorted(spec)}")
+    from .retrain import check_spec
+
+    check_spec(spec, ("study", "term", "examples", "damping", "steps"), "pbrf_job")
     data, net, terms = fitted(spec["study"])
     if spec["term"] not in terms:
         raise ValueError(f"term {spec['term']!r} is not one of the study's terms {list(terms)}")

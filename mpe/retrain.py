@@ -30,7 +30,7 @@ import torch
 from .train import (LearningDifficulty, VisitRecorder, flat_params, nll_and_error, predict, train, train_many,
                     vectorisable)
 
-__all__ = ["job_key", "tensor_digest", "run_jobs", "stash", "unstash", "warm_retrain", "retrained_outputs",
+__all__ = ["job_key", "tensor_digest", "run_jobs", "check_spec", "stash", "unstash", "warm_retrain", "retrained_outputs",
            "default_cache", "subset_runs", "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed",
            "run_specs", "spec_key", "fit_subset", "fit_subsets", "code_fingerprint", "code_closure", "EVALUATIONS"]
 
@@ -258,6 +258,14 @@ def _execute(units: list, paths: dict, results: dict, specs: dict, progress: boo
 # ----------------------------------------------------------------------------------------------------------
 # Jobs as data: a top-level function and a JSON spec
 # ----------------------------------------------------------------------------------------------------------
+def check_spec(spec: dict, keys, job: str) -> None:
+    """Raise ValueError, naming the missing and the unknown keys, unless the spec of ``job`` has exactly ``keys``."""
+    missing, unknown = set(keys) - set(spec), set(spec) - set(keys)
+    if missing or unknown:
+        raise ValueError(f"a {job} spec needs exactly {', '.join(keys)} (missing {sorted(missing)}, unknown "
+                         f"{sorted(unknown)})")
+
+
 def job_function(fn) -> str:
     """``"module:name"`` of ``fn``, which must be a top-level function of an importable module (not ``__main__``,
     not a lambda or a closure): a worker finds it by that name and rebuilds everything else from the spec."""
@@ -530,10 +538,7 @@ def warm_retrain(spec: dict) -> torch.Tensor:
 
 def _warm_group(spec: dict) -> str:
     """Specs with equal groups retrain together: all but the removed examples are the same."""
-    missing, unknown = set(WARM_SPEC_KEYS) - set(spec), set(spec) - set(WARM_SPEC_KEYS)
-    if missing or unknown:
-        raise ValueError(f"a warm_retrain spec needs exactly {', '.join(WARM_SPEC_KEYS)} (missing {sorted(missing)}, "
-                         f"unknown {sorted(unknown)})")
+    check_spec(spec, WARM_SPEC_KEYS, "warm_retrain")
     if any(b <= a for a, b in zip(spec["removed"], spec["removed"][1:])):
         raise ValueError("'removed' must list sorted, distinct indices")
     return json.dumps({k: v for k, v in spec.items() if k != "removed"}, sort_keys=True)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import curvature as C
 from .curvature import softmax_hessian
-from .retrain import retrained_outputs, run_specs, stash, unstash
+from .retrain import check_spec, retrained_outputs, run_specs, stash, unstash
 from .train import nll_and_error, predict, train
 
 __all__ = ["residuals", "logit_shift", "deviation", "sensitivity", "loo_nll", "leverage", "removal_truth",
@@ -174,6 +174,7 @@ def loo_job(spec: dict) -> dict:
     "posterior": a Laplace posterior of mpe.curvature.LAPLACE, "device": "cpu" | "cuda" | ...}``."""
     from . import get_device
 
+    check_spec(spec, ("start", "x", "y", "x_test", "y_test", "delta", "fit_iters", "posterior", "device"), "loo_job")
     model = unstash(spec["start"]).to(get_device(spec["device"]))
     x, y, x_test, y_test = (unstash(spec[k]) for k in ("x", "y", "x_test", "y_test"))
     delta, posterior = spec["delta"], spec["posterior"]

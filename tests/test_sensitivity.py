@@ -272,12 +272,13 @@ def test_loo_during_training_shares_identical_runs():
     assert shared["diag"].test == shared["kfac"].test  # one run, seen by both trackers
 
 
-def test_loo_sweep_newton_form_is_brute_force_leave_one_out_on_a_glm(f64):
+def test_loo_sweep_newton_form_is_brute_force_leave_one_out_on_a_glm(f64, tmp_path, monkeypatch):
     """Fig. 4's sweep on softmax regression with the exact GGN: the leverage lies in (0, 1), and the Newton form's
     per-example LOO NLL is, to within 5 %, the NLL of example i under a model retrained without it (one Newton step
     from θ_*, so not exact); the first-order forms miss it by several times more."""
-    from mpe.sensitivity import loo_sweep
+    from mpe.sensitivity import loo_job, loo_sweep
 
+    monkeypatch.setenv("MPE_RESULTS_DIR", str(tmp_path))  # the stash of the initial network and the data
     g = torch.Generator().manual_seed(1)
     n, k = 40, 3
     x = torch.randn(n + 20, 1, 1, 4, generator=g)
@@ -302,6 +303,8 @@ def test_loo_sweep_newton_form_is_brute_force_leave_one_out_on_a_glm(f64):
         true = torch.tensor(true)
         err = {f: (r["loo_per_example"][f][:10] - true).abs().mean() / true.mean() for f in FORMS}
         assert err["newton"] < 0.05 and err["newton"] < err["full"] / 3 and err["newton"] < err["diag"] / 3, err
+    with pytest.raises(ValueError, match="a loo_job spec needs exactly .*missing \\['delta'"):
+        loo_job(dict(start="m", x="t", y="t", x_test="t", y_test="t", fit_iters=5, posterior="full", device="cpu"))
 
 
 def fitted_softmax_regression(n, d, seed, iters):
