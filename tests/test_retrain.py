@@ -28,7 +28,7 @@ from mpe.retrain import (
     subset_runs,
     vectorise_pays,
 )
-from mpe.train import predict, stop_after, train, train_many, vectorisable
+from mpe.train import _laid_out_as_gradients, predict, stop_after, train, train_many, vectorisable
 
 
 def data(n=60, shape=(1, 8, 8), k=3):
@@ -93,6 +93,28 @@ def test_train_many_refuses_to_stop_only_the_models_with_callbacks():
     nets = [get_model("mlp", (1, 8, 8), 3, seed=s) for s in (1, 2)]
     with pytest.raises(ValueError, match="stopped some models but not all"):
         train_many(nets, x, y, subsets(sizes=(40, 40)), [1, 2], callbacks=[[stop_after(1)], []], epochs=3, lr=0.1)
+
+
+def test_stacked_parameters_are_laid_out_as_their_gradients():
+    """A vmapped Linear's weight gradient comes out transposed; the re-laid parameters keep their values and take the
+    gradient's strides, so the backward hands the gradient over without a copy (its strides match the leaf's)."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    nets = [get_model("mlp", (1, 8, 8), 3, seed=s) for s in (1, 2, 3)]
+    stacked, _ = stack_module_state(nets)
+    base = get_model("mlp", (1, 8, 8), 3).to("meta")
+    x = torch.randn(3, 5, 1, 8, 8)
+
+    def total(p):
+        return vmap(lambda q, xb: functional_call(base, q, (xb,)))(p, x).square().sum()
+
+    laid = _laid_out_as_gradients(stacked, total)
+    assert laid["1.weight"].stride() != stacked["1.weight"].stride()  # (3, 32, 64) is re-laid as a transpose
+    for k in stacked:
+        assert torch.equal(laid[k], stacked[k]) and laid[k].is_leaf and laid[k].requires_grad
+    grads = torch.autograd.grad(total(laid), list(laid.values()))  # the raw gradients, before any layout copy
+    for p, g in zip(laid.values(), grads):
+        assert g.stride() == p.stride()
 
 
 def test_vectorise_pays_for_small_steps_on_a_cpu():
