@@ -254,6 +254,8 @@ def test_a_job_is_a_top_level_function_and_a_json_spec(tmp_path):
     assert spec_key(fit_subset, spec) == spec_key(fit_subset, dict(reversed(list(spec.items()))))  # order-free
     assert spec_key(fit_subset, spec) != spec_key(fit_subset, dict(spec, seed=9))
     assert spec_key(fit_subset, spec) != spec_key(fit_subset, dict(spec, device="meta"))  # the device type
+    assert spec_key(fit_subset, spec, code_fingerprint(fit_subset)) == spec_key(fit_subset, spec)  # a sweep's one hash
+    assert spec_key(fit_subset, spec, "other code") != spec_key(fit_subset, spec)
     with pytest.raises(ValueError, match="top-level function"):
         spec_key(lambda s: s, spec)
     with pytest.raises(ValueError, match="must be JSON"):
@@ -336,6 +338,25 @@ def _where(i):
     return i ** 2, os.getpid()
 
 
+def _mmap_threshold_checked():
+    from mpe.retrain import _restore_mmap_threshold
+
+    return _restore_mmap_threshold.cache_info().currsize
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds")
+def test_the_mmap_threshold_is_restored_only_where_a_trim_threshold_turned_it_off():
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which turns glibc's dynamic mmap threshold off; the worker side
+    sets the mmap threshold back to glibc's ceiling, unless the user set one, and does nothing otherwise."""
+    code = "from mpe.retrain import _restore_mmap_threshold as r; print(r(), r.cache_info().currsize)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    for extra, want in [({}, "False 1"), ({"MALLOC_TRIM_THRESHOLD_": "65536"}, "True 1"),
+                        ({"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "1048576"}, "False 1")]:
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert " ".join(out) == want, extra
+
+
 def test_dask_local_cluster_gives_the_local_results(tmp_path, monkeypatch):
     distributed = pytest.importorskip("distributed")
     from mpe.retrain import retrained_outputs
@@ -368,6 +389,8 @@ def test_dask_local_cluster_gives_the_local_results(tmp_path, monkeypatch):
         net = get_model("mlp", (1, 8, 8), 3, seed=0, hidden=[8]).double()
         warm = (net, x.double(), y, [[0], [1, 2]], x[:5].double(), dict(optimizer="lbfgs", lr=1.0, epochs=5, delta=1.0))
         warm_remote = retrained_outputs(*warm, tmp_path / "warm-dask", executor=client)
+        # every unit ran through _on_worker, which restored glibc's mmap threshold once in the worker's process
+        assert 1 in client.run(_mmap_threshold_checked).values()
     spec_local = run_specs(fit_subset, specs, tmp_path / "spec-local", progress=False)
     warm_local = retrained_outputs(*warm, tmp_path / "warm-local")
     for a, b in zip([warm_local[0], *warm_local[1]], [warm_remote[0], *warm_remote[1]]):
