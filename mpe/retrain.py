@@ -338,7 +338,9 @@ def run_specs(fn, specs: list, cache: Path | None = None, executor=None, progres
 
     ``fn`` is a top-level function (:func:`job_function`); each ``spec`` a JSON dict from which it rebuilds what it
     needs. Where ``fn`` has ``fn.batched(specs) -> results`` and ``fn.group(spec) -> str``, missing specs of one
-    group are run ``chunk`` at a time in one call (e.g. :func:`fit_subsets`: one vectorised program). ``executor``
+    group are run ``chunk`` at a time in one call (e.g. :func:`fit_subsets`: one vectorised program), unless
+    ``fn.together(spec)`` says that the group of ``spec`` would not train together anyway: then each spec is a unit
+    of its own, cached as soon as it finishes, so an interrupted sweep loses at most the runs in flight. ``executor``
     as for :func:`run_jobs`: here, or on the workers of a Dask cluster, where each unit travels as the function's
     name and its specs. A failed unit does not stop the others; :class:`JobsFailed` names each failed spec."""
     code = code_fingerprint(fn)
@@ -349,8 +351,12 @@ def run_specs(fn, specs: list, cache: Path | None = None, executor=None, progres
     groups: dict = {}
     for key in paths:
         groups.setdefault(group(spec_of[key]) if group is not None and hasattr(fn, "batched") else key, []).append(key)
-    units = [(part, _run_specs, (fn, [spec_of[k] for k in part]))
-             for members in groups.values() for part in (members[i:i + chunk] for i in range(0, len(members), chunk))]
+    together = getattr(fn, "together", None)
+    units = []
+    for members in groups.values():
+        size = chunk if together is None or len(members) == 1 or together(spec_of[members[0]]) else 1
+        units += [(part, _run_specs, (fn, [spec_of[k] for k in part]))
+                  for part in (members[i:i + size] for i in range(0, len(members), size))]
     _execute(units, paths, results, spec_of, progress, desc, executor)
     return [results[k] for k in keys]
 
@@ -472,8 +478,24 @@ def fit_subsets(specs: list, vectorise="auto") -> list:
     return out
 
 
+def _fit_together(spec: dict) -> bool:
+    """Whether :func:`fit_subsets` trains the group of ``spec`` as one vectorised program (see :func:`run_specs`):
+    the model and recipe vectorise, and it pays on the spec's device (on an accelerator always; the model is built
+    on the meta device to say so, as the process that makes the specs may have none)."""
+    from .data import from_spec
+    from .models import get_model
+
+    data = from_spec(spec["data"])
+    model = get_model(spec["model"]["name"], data.shape, data.n_classes,
+                      **{k: v for k, v in spec["model"].items() if k not in ("name", "seed")})
+    size = len(spec["kept"]) if "kept" in spec else len(data.y_train) - len(spec["removed"])
+    on_cpu = torch.device(spec.get("device", "cpu")).type == "cpu"
+    return _vectorise_rule(data.x_train[:1], spec["train"], size, "auto")(model if on_cpu else model.to("meta"))
+
+
 fit_subset.batched = fit_subsets
 fit_subset.group = _fit_group
+fit_subset.together = _fit_together
 
 
 def _kept(n: int, group) -> torch.Tensor:
@@ -602,8 +624,18 @@ def warm_retrains(specs: list, vectorise="auto") -> list:
     return out
 
 
+def _warm_together(spec: dict) -> bool:
+    """Whether :func:`warm_retrains` retrains the group of ``spec`` as one vectorised program (as
+    :func:`_fit_together`): L-BFGS never does, so each of its retrains is cached as it finishes."""
+    start, x = unstash(spec["start"]), unstash(spec["x"])
+    kw = {k: v for k, v in spec["train"].items() if k != "seed"}
+    on_cpu = torch.device(spec["device"]).type == "cpu"
+    return _vectorise_rule(x[:1], kw, len(x), "auto")(start if on_cpu else start.to("meta"))
+
+
 warm_retrain.batched = warm_retrains
 warm_retrain.group = _warm_group
+warm_retrain.together = _warm_together
 
 
 def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, cache=None, desc: str = "retrain",
@@ -623,9 +655,7 @@ def retrained_outputs(model, x, y, groups, probe: torch.Tensor, train_kw: dict, 
     device = next(model.parameters()).device.type
     specs = [dict(names, removed=sorted(int(i) for i in g), train=train_kw, device=device)
              for g in [[]] + [list(g) for g in groups]]
-    kw = {k: v for k, v in train_kw.items() if k != "seed"}
-    together = bool(vectorise) and _vectorise_rule(x[:1], kw, len(x), vectorise)(model)  # else each run is cached
-    outs = run_specs(warm_retrain, specs, cache, executor=executor, desc=desc, chunk=chunk if together else 1)
+    outs = run_specs(warm_retrain, specs, cache, executor=executor, desc=desc, chunk=chunk if vectorise else 1)
     return outs[0], outs[1:]
 
 

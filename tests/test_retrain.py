@@ -201,6 +201,18 @@ def digit_specs(evaluate="test_probs"):
             for k, s in runs]
 
 
+def test_a_group_that_does_not_train_together_is_run_and_cached_spec_by_spec(tmp_path):
+    """Specs that train one by one (L-BFGS) are units of their own: a failing spec costs only itself, and each run
+    is cached as it finishes. A vectorised group is one unit, and shares its fate."""
+    good, other = digit_specs()[:2]  # one group: 80 kept examples each
+    bad = dict(other, kept=other["kept"][:-1] + [10 ** 6])  # an index out of range: fails where it trains
+    for recipe, cached in [(dict(KW, optimizer="lbfgs", lr=1.0), 1), (KW, 0)]:
+        with pytest.raises(JobsFailed, match=f"{2 - cached} job"):
+            run_specs(fit_subset, [dict(good, train=recipe), dict(bad, train=recipe)], tmp_path / str(cached),
+                      progress=False)
+        assert len(list((tmp_path / str(cached)).iterdir())) == cached
+
+
 def test_spec_jobs_rebuild_what_subset_fits_is_given_and_resume(tmp_path, monkeypatch):
     from mpe.data import from_spec
 
