@@ -259,9 +259,23 @@ MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold 
 
 
 def _on_worker(fn, *args):
-    """``fn(*args)`` on a Dask worker, after :func:`_restore_mmap_threshold`."""
+    """``fn(*args)`` on a Dask worker, after :func:`_restore_mmap_threshold` and :func:`_check_one_gpu`."""
     _restore_mmap_threshold()
+    _check_one_gpu()
     return fn(*args)
+
+
+@functools.cache
+def _check_one_gpu() -> None:
+    """Warn, once per worker process, where a worker sees several GPUs: torch then trains every job on cuda:0, and so
+    does every other worker of that machine, one GPU doing the work of all. One worker per GPU needs each worker to
+    see its own: dask-cuda's ``LocalCUDACluster`` or ``dask cuda worker`` set ``CUDA_VISIBLE_DEVICES`` so."""
+    if torch.cuda.device_count() > 1:
+        import warnings
+
+        warnings.warn(f"this Dask worker sees {torch.cuda.device_count()} GPUs and trains on cuda:0 only, as does "
+                      "every other worker on its machine: start one worker per GPU with dask-cuda (LocalCUDACluster, "
+                      "or `dask cuda worker`), or give each worker its own CUDA_VISIBLE_DEVICES", stacklevel=2)
 
 
 @functools.cache

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -367,6 +368,19 @@ def test_the_mmap_threshold_is_restored_only_where_a_trim_threshold_turned_it_of
         out = subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True,
                              check=True).stdout.split()
         assert " ".join(out) == want, extra
+
+
+def test_a_worker_that_sees_several_gpus_says_that_it_uses_one(monkeypatch):
+    from mpe.retrain import _check_one_gpu, _on_worker
+
+    for count, warns in [(1, False), (2, True)]:
+        _check_one_gpu.cache_clear()
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert _on_worker(_square, 3).item() == 9.0
+        assert any("dask-cuda" in str(w.message) for w in seen) == warns
+    _check_one_gpu.cache_clear()
 
 
 def test_dask_local_cluster_gives_the_local_results(tmp_path, monkeypatch):
