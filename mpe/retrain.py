@@ -699,10 +699,11 @@ def vectorise_pays(model, x1: torch.Tensor, batch_size: int | None, n: int) -> b
     On a GPU it does: one step of M small models costs about as much as one step of one. On a CPU the vmapped
     program saves the per-step overhead but runs its matrix products as batched products, which PyTorch's CPU
     kernels do about 2x slower for large matrices; it pays only while one model's step is small. Measured on this
-    project's 2-core CPU (forward FLOPs per model and step -> vectorised speed-up): MLP(32,16) at batch 64,
-    3.3M -> 2.1x; the lpNTK CNN at batch 10, 22M -> 1.6x; at batch 40, 87M -> 0.7x; Jiang's MLP at batch 64,
-    68M -> 0.5x. Hence the rule: vectorise on a CPU when the forward FLOPs of one model's minibatch are at most
-    :data:`CPU_VECTORISE_FLOPS`. ``x1`` is one input example (1, ...); ``n`` the subset size."""
+    project's 2-core CPU (forward FLOPs per model and step -> vectorised speed-up of 16 runs, 2026-12-06):
+    MLP(32,16) at batch 64, 3M -> 2.2x; the lpNTK CNN at batch 10, 22M -> 1.25x; at batch 40, 87M -> 0.6x; Jiang's
+    MLP at batch 64, 68M -> 1.06x; LeNet-5 at batch 64, 53M -> 0.56x. Convolutions decide the rule: vectorise on a
+    CPU when the forward FLOPs of one model's minibatch are at most :data:`CPU_VECTORISE_FLOPS`. ``x1`` is one input
+    example (1, ...); ``n`` the subset size."""
     device = next(model.parameters()).device
     if device.type != "cpu":
         return True
