@@ -494,8 +494,7 @@ def fit_subsets(specs: list, vectorise="auto") -> list:
 
 def _fit_together(spec: dict) -> bool:
     """Whether :func:`fit_subsets` trains the group of ``spec`` as one vectorised program (see :func:`run_specs`):
-    the model and recipe vectorise, and it pays on the spec's device (on an accelerator always; the model is built
-    on the meta device to say so, as the process that makes the specs may have none)."""
+    the model and recipe vectorise, and it pays on the spec's device."""
     from .data import from_spec
     from .models import get_model
 
@@ -503,8 +502,8 @@ def _fit_together(spec: dict) -> bool:
     model = get_model(spec["model"]["name"], data.shape, data.n_classes,
                       **{k: v for k, v in spec["model"].items() if k not in ("name", "seed")})
     size = len(spec["kept"]) if "kept" in spec else len(data.y_train) - len(spec["removed"])
-    on_cpu = torch.device(spec.get("device", "cpu")).type == "cpu"
-    return _vectorise_rule(data.x_train[:1], spec["train"], size, "auto")(model if on_cpu else model.to("meta"))
+    device = torch.device(spec.get("device", "cpu")).type
+    return _vectorise_rule(data.x_train[:1], spec["train"], size, "auto", device)(model)
 
 
 fit_subset.batched = fit_subsets
@@ -643,8 +642,7 @@ def _warm_together(spec: dict) -> bool:
     :func:`_fit_together`): L-BFGS never does, so each of its retrains is cached as it finishes."""
     start, x = unstash(spec["start"]), unstash(spec["x"])
     kw = {k: v for k, v in spec["train"].items() if k != "seed"}
-    on_cpu = torch.device(spec["device"]).type == "cpu"
-    return _vectorise_rule(x[:1], kw, len(x), "auto")(start if on_cpu else start.to("meta"))
+    return _vectorise_rule(x[:1], kw, len(x), "auto", torch.device(spec["device"]).type)(start)
 
 
 warm_retrain.batched = warm_retrains
@@ -714,12 +712,14 @@ def vectorise_pays(model, x1: torch.Tensor, batch_size: int | None, n: int) -> b
     return counter.get_total_flops() * min(batch_size or n, n) <= CPU_VECTORISE_FLOPS
 
 
-def _vectorise_rule(x1: torch.Tensor, kw: dict, size: int, vectorise):
+def _vectorise_rule(x1: torch.Tensor, kw: dict, size: int, vectorise, device: str | None = None):
     """``model -> bool``: whether a chunk of runs of recipe ``kw`` on ``size`` examples trains as one vectorised
     program: where :func:`mpe.train.train_many` accepts the model and recipe, and ``vectorise`` is True or is "auto"
-    and :func:`vectorise_pays`."""
+    and :func:`vectorise_pays`. ``device``: the type of the device the runs will train on, where the model is not
+    there (the process that makes a sweep's specs may have no GPU)."""
     def fast(model):
-        pays = vectorise_pays(model, x1, kw.get("batch_size", 256), size) if vectorise == "auto" else bool(vectorise)
+        pays = (device not in (None, "cpu") or vectorise_pays(model, x1, kw.get("batch_size", 256), size)
+                if vectorise == "auto" else bool(vectorise))
         return pays and vectorisable(model, **kw) is None
     return fast
 

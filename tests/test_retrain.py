@@ -205,6 +205,8 @@ def digit_specs(evaluate="test_probs"):
 def test_a_group_that_does_not_train_together_is_run_and_cached_spec_by_spec(tmp_path):
     """Specs that train one by one (L-BFGS) are units of their own: a failing spec costs only itself, and each run
     is cached as it finishes. A vectorised group is one unit, and shares its fate."""
+    from mpe.retrain import _fit_together
+
     good, other = digit_specs()[:2]  # one group: 80 kept examples each
     bad = dict(other, kept=other["kept"][:-1] + [10 ** 6])  # an index out of range: fails where it trains
     for recipe, cached in [(dict(KW, optimizer="lbfgs", lr=1.0), 1), (KW, 0)]:
@@ -212,6 +214,11 @@ def test_a_group_that_does_not_train_together_is_run_and_cached_spec_by_spec(tmp
             run_specs(fit_subset, [dict(good, train=recipe), dict(bad, train=recipe)], tmp_path / str(cached),
                       progress=False)
         assert len(list((tmp_path / str(cached)).iterdir())) == cached
+    # where the specs would train together: a big minibatch does not pay on a CPU, but always on a GPU, which the
+    # process that makes the specs need not have; L-BFGS never vectorises
+    big = dict(good, model=dict(name="large_mlp"), train=dict(KW, batch_size=80))
+    assert not _fit_together(big) and _fit_together(dict(big, device="cuda")) and _fit_together(good)
+    assert not _fit_together(dict(big, device="cuda", train=dict(KW, optimizer="lbfgs", lr=1.0)))
 
 
 def test_spec_jobs_rebuild_what_subset_fits_is_given_and_resume(tmp_path, monkeypatch):
