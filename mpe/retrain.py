@@ -461,7 +461,6 @@ def fit_subsets(specs: list, vectorise="auto") -> list:
     spec to float rounding), else one after another."""
     from . import get_device
     from .data import from_spec
-    from .models import get_model
 
     out, groups = [None] * len(specs), {}
     for i, spec in enumerate(specs):
@@ -469,41 +468,40 @@ def fit_subsets(specs: list, vectorise="auto") -> list:
     for members in groups.values():
         first = specs[members[0]]
         data, dev = from_spec(first["data"]), get_device(first.get("device", "cpu"))
-        model_kw = {k: v for k, v in first["model"].items() if k not in ("name", "seed")}
-        name = first["model"]["name"]
         kw = first["train"]
         n = len(data.y_train)
         todo = [(i, _kept(n, specs[i]["removed"]) if "removed" in specs[i] else torch.as_tensor(specs[i]["kept"]).long(),
                  int(specs[i]["seed"]), None) for i in members]
-
-        def make_model(i, seed):  # initialised from the model's own seed where the spec gives one
-            return get_model(name, data.shape, data.n_classes, seed=specs[i]["model"].get("seed", seed),
-                             **model_kw).to(dev)
-
         size = len(todo[0][1])
         fast = _vectorise_rule(data.x_train[:1], kw, size, vectorise)
         results = {}
         evaluate, record = first["evaluate"], RECORDERS.get(first["evaluate"])
-        _fit_chunks(todo, make_model, data.x_train, data.y_train, kw, lambda m, cb: EVALUATIONS[evaluate](m, data, cb),
-                    results, None, chunk=len(todo), vectorised=fast,
+        _fit_chunks(todo, lambda i, seed: _spec_model(specs[i], data, seed).to(dev), data.x_train, data.y_train, kw,
+                    lambda m, cb: EVALUATIONS[evaluate](m, data, cb), results, None, chunk=len(todo), vectorised=fast,
                     callbacks=None if record is None else lambda: record(size))
         for i in members:
             out[i] = results[i]
     return out
 
 
+def _spec_model(spec: dict, data, seed: int = 0):
+    """The model a fit_subset spec names (:func:`mpe.models.get_model` of its name and keywords, for ``data``),
+    initialised from the model's own seed where the spec gives one, else from ``seed``."""
+    from .models import get_model
+
+    kw = {k: v for k, v in spec["model"].items() if k not in ("name", "seed")}
+    return get_model(spec["model"]["name"], data.shape, data.n_classes, seed=spec["model"].get("seed", seed), **kw)
+
+
 def _fit_together(spec: dict) -> bool:
     """Whether :func:`fit_subsets` trains the group of ``spec`` as one vectorised program (see :func:`run_specs`):
     the model and recipe vectorise, and it pays on the spec's device."""
     from .data import from_spec
-    from .models import get_model
 
     data = from_spec(spec["data"])
-    model = get_model(spec["model"]["name"], data.shape, data.n_classes,
-                      **{k: v for k, v in spec["model"].items() if k not in ("name", "seed")})
     size = len(spec["kept"]) if "kept" in spec else len(data.y_train) - len(spec["removed"])
     device = torch.device(spec.get("device", "cpu")).type
-    return _vectorise_rule(data.x_train[:1], spec["train"], size, "auto", device)(model)
+    return _vectorise_rule(data.x_train[:1], spec["train"], size, "auto", device)(_spec_model(spec, data))
 
 
 fit_subset.batched = fit_subsets
@@ -611,7 +609,14 @@ def _warm_group(spec: dict) -> str:
     return json.dumps({k: v for k, v in spec.items() if k != "removed"}, sort_keys=True)
 
 
-def warm_retrains(specs: list, vectorise="auto") -> list:
+def _warm_recipe(spec: dict, x: torch.Tensor):
+    """The ``train`` keywords of a warm_retrain spec (without a seed: it is the spec's) and the rule that says whether
+    its group retrains as one vectorised program (:func:`_vectorise_rule` on the spec's device, for ``x``)."""
+    kw = {k: v for k, v in spec["train"].items() if k != "seed"}
+    return kw, _vectorise_rule(x[:1], kw, len(x), "auto", torch.device(spec["device"]).type)
+
+
+def warm_retrains(specs: list) -> list:
     """:func:`warm_retrain` of each spec, in order: the retrains of one group (:func:`_warm_group`) train together by
     :func:`mpe.train.train_many` where it applies and pays (equal to one ``train`` each to float rounding; always
     one by one for a single spec), else one after another."""
@@ -625,9 +630,9 @@ def warm_retrains(specs: list, vectorise="auto") -> list:
         dev = get_device(first["device"])
         start = unstash(first["start"]).to(dev)
         x, y, probe = (unstash(first[k]) for k in ("x", "y", "probe"))
-        kw = {k: v for k, v in first["train"].items() if k != "seed"}
+        kw, rule = _warm_recipe(first, x)
         todo = [(i, _kept(len(x), specs[i]["removed"]), first["train"].get("seed", 0), None) for i in members]
-        fast = (lambda m: False) if len(todo) == 1 else _vectorise_rule(x[:1], kw, len(x), vectorise)
+        fast = (lambda m: False) if len(todo) == 1 else rule
         results = {}
         _fit_chunks(todo, lambda i, seed: copy.deepcopy(start), x, y, kw,
                     lambda m, cb: torch.softmax(predict(m, probe), 1).cpu(), results, None, chunk=len(todo),
@@ -640,9 +645,7 @@ def warm_retrains(specs: list, vectorise="auto") -> list:
 def _warm_together(spec: dict) -> bool:
     """Whether :func:`warm_retrains` retrains the group of ``spec`` as one vectorised program (as
     :func:`_fit_together`): L-BFGS never does, so each of its retrains is cached as it finishes."""
-    start, x = unstash(spec["start"]), unstash(spec["x"])
-    kw = {k: v for k, v in spec["train"].items() if k != "seed"}
-    return _vectorise_rule(x[:1], kw, len(x), "auto", torch.device(spec["device"]).type)(start)
+    return _warm_recipe(spec, unstash(spec["x"]))[1](unstash(spec["start"]))
 
 
 warm_retrain.batched = warm_retrains
