@@ -517,11 +517,14 @@ def summary(profile: str = "quick") -> Path:
 STEP_TIMES = "figures/paper/step_times-nvidia-h200.csv"  # measured on the one GPU this project has run on
 
 
-def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shrunk: bool = False) -> str:
+def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shrunk: bool = False, gpus: int = 8) -> str:
     """A markdown table of what each notebook and variant of ``profile`` trains (:mod:`mpe.workload`: runs,
     optimiser steps, examples visited) and its estimated GPU-hours, from the measured step times in the CSV
     ``step_times`` (``python -m mpe.cost bench --out``; a path relative to the repository) for the models it
-    holds, else from the FLOP model of :func:`mpe.workload.step_seconds` (``step_times=None``: the model alone)."""
+    holds, else from the FLOP model of :func:`mpe.workload.step_seconds` (``step_times=None``: the model alone), and
+    its hours on ``gpus`` GPUs with its sweeps' jobs fanned out over them (:func:`mpe.workload.wall_hours`)."""
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}")
     import csv
 
     from . import workload
@@ -545,21 +548,28 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
              "parameters and one minibatch's activations per model trained at once, in float32. "
              "Notebooks that also compute per-example quantities at scale take longer: mpe-fig9's training cell, "
              "its LOO trackers included, took 362 s on the H200 (figures/paper/README.md), against its training "
-             "alone in this table. Regenerate: `python -m mpe.harness cost`.",
+             "alone in this table. "
+             f"Hours on {gpus} GPUs: the jobs of each retraining sweep (`mpe.retrain.run_specs`, `run_jobs`) fanned out "
+             f"over {gpus} GPUs with Dask (README, Retraining sweeps), one worker per GPU, each training its share "
+             "vectorised as above; the runs a notebook trains itself, and its sweeps, one after another. Every "
+             "model the formula counts as a sweep's job is checked to be one in the shrunk paper profiles "
+             "(tests/test_paper_profiles.py). Regenerate: `python -m mpe.harness cost`.",
              "",
-             "| figure | runs | optimiser steps | examples visited | GPU-hours | GPU memory of one run (GB) | "
-             "lower bound for |", "|---|---|---|---|---|---|---|"]
-    total = 0.0
+             "| figure | runs | optimiser steps | examples visited | GPU-hours | hours on " f"{gpus} GPUs | "
+             "GPU memory of one run (GB) | lower bound for |", "|---|---|---|---|---|---|---|---|"]
+    total = wall = 0.0
     for nb in notebooks():
         nb_id = notebook_id(nb)
         for v in ["", *variants(nb_id, profile)]:
-            est = workload.estimate(workload.runs_of(nb_id, parameters(nb, profile, shrunk=shrunk, variant=v)), table)
+            est = workload.estimate(workload.runs_of(nb_id, parameters(nb, profile, shrunk=shrunk, variant=v)), table,
+                                    gpus)
             total += est["gpu_hours"]
+            wall += est["wall_hours"]
             memory = f"{est['peak_gb']:.2g}" if est["peak_gb"] else "–"
             lines.append(f"| {figure_id(nb_id, v)} | {est['runs']:,} | {est['steps']:,} | {est['examples']:,} | "
-                         f"{est['gpu_hours']:.3g} | {memory} | {', '.join(est['lower_bound'])} |")
-    lines += ["", f"Total: about {total:.3g} GPU-hours. A sweep's runs are independent jobs: fanned out over k GPUs "
-              "with Dask (README, Retraining sweeps) its wall time is about its GPU-hours / k."]
+                         f"{est['gpu_hours']:.3g} | {est['wall_hours']:.3g} | {memory} | {', '.join(est['lower_bound'])} |")
+    lines += ["", f"Total: about {total:.3g} GPU-hours; on {gpus} GPUs, one notebook after another, about {wall:.3g} "
+              "hours."]
     return "\n".join(lines) + "\n"
 
 
@@ -590,6 +600,7 @@ def main(argv=None) -> int:
     c.add_argument("--step-times", default=STEP_TIMES, help="CSV of measured step times (python -m mpe.cost bench "
                                                         "--out); 'none': the FLOP model alone")
     c.add_argument("--shrunk", action="store_true", help="the shrunk paper profile (what make test runs)")
+    c.add_argument("--gpus", type=int, default=8, help="GPUs the sweeps' jobs are fanned out over (the hours column)")
     c.add_argument("--out", default=None, help="also write the table to this file")
     sub.add_parser("list")
     a = ap.parse_args(argv)
@@ -622,7 +633,7 @@ def main(argv=None) -> int:
         elif a.cmd == "summary":
             print(summary(a.profile))
         elif a.cmd == "cost":
-            text = cost(a.profile, None if a.step_times == "none" else a.step_times, a.shrunk)
+            text = cost(a.profile, None if a.step_times == "none" else a.step_times, a.shrunk, a.gpus)
             if a.out:
                 Path(a.out).write_text(text)
             print(text)

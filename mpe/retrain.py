@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .train import (LearningDifficulty, VisitRecorder, flat_params, nll_and_error, predict, train, train_many,
-                    vectorisable)
+from .train import (IN_JOB, LearningDifficulty, VisitRecorder, flat_params, nll_and_error, predict, train,
+                    train_many, vectorisable)
 
 __all__ = ["job_key", "tensor_digest", "run_jobs", "check_spec", "stash", "unstash", "warm_retrain", "retrained_outputs",
            "default_cache", "subset_runs", "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed",
@@ -186,6 +186,15 @@ def _client(executor):
     return _CLIENTS[key]
 
 
+def _slots(executor) -> int:
+    """How many units of a sweep run at once: 1 here; on a Dask cluster, its workers' threads now (Dask runs one
+    task per thread: one per worker with one thread per GPU or core, as the README's clusters are set up). A cluster
+    that has no workers yet (a SLURM cluster whose jobs are queued) counts as 1: its sweeps are cut by ``chunk``
+    alone."""
+    client = _client(executor)
+    return 1 if client is None else max(1, sum(client.nthreads().values()))
+
+
 def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc: str = "jobs", executor=None) -> dict:
     """Run ``jobs`` {key: zero-argument callable}, caching each result as ``cache/<key>.pt``; returns {key: result}.
 
@@ -233,7 +242,7 @@ def _execute(units: list, paths: dict, results: dict, specs: dict, progress: boo
     if client is None:
         for keys, fn, args in units:
             try:
-                out = fn(*args)
+                out = _as_job(fn, *args)
             except Exception as e:  # noqa: BLE001 - reported with the jobs' descriptions below
                 finish(keys, None, e)
                 continue
@@ -262,7 +271,16 @@ def _on_worker(fn, *args):
     """``fn(*args)`` on a Dask worker, after :func:`_restore_mmap_threshold` and :func:`_check_one_gpu`."""
     _restore_mmap_threshold()
     _check_one_gpu()
-    return fn(*args)
+    return _as_job(fn, *args)
+
+
+def _as_job(fn, *args):
+    """``fn(*args)`` with :data:`mpe.train.IN_JOB` set: the runs it trains are logged as a sweep's jobs."""
+    token = IN_JOB.set(True)
+    try:
+        return fn(*args)
+    finally:
+        IN_JOB.reset(token)
 
 
 @functools.cache
@@ -356,7 +374,10 @@ def run_specs(fn, specs: list, cache: Path | None = None, executor=None, progres
     ``fn.together(spec)`` says that the group of ``spec`` would not train together anyway: then each spec is a unit
     of its own, cached as soon as it finishes, so an interrupted sweep loses at most the runs in flight. ``executor``
     as for :func:`run_jobs`: here, or on the workers of a Dask cluster, where each unit travels as the function's
-    name and its specs. A failed unit does not stop the others; :class:`JobsFailed` names each failed spec."""
+    name and its specs; there a group is cut into at least as many units as the cluster has slots
+    (:func:`_slots`), so that 27 vectorised runs on 8 GPUs are 7 programs of at most 4 models side by side, not one
+    program of 27 beside 7 idle GPUs. A failed unit does not stop the others; :class:`JobsFailed` names each failed
+    spec."""
     code = code_fingerprint(fn)
     keys = [spec_key(fn, s, code) for s in specs]
     results, paths = load_cached(keys, cache)
@@ -366,9 +387,11 @@ def run_specs(fn, specs: list, cache: Path | None = None, executor=None, progres
     for key in paths:
         groups.setdefault(group(spec_of[key]) if group is not None and hasattr(fn, "batched") else key, []).append(key)
     together = getattr(fn, "together", None)
+    slots = _slots(executor) if paths else 1
     units = []
     for members in groups.values():
         size = chunk if together is None or len(members) == 1 or together(spec_of[members[0]]) else 1
+        size = min(size, -(-len(members) // slots))  # ⌈members / slots⌉: every slot gets a share
         units += [(part, _run_specs, (fn, [spec_of[k] for k in part]))
                   for part in (members[i:i + size] for i in range(0, len(members), size))]
     _execute(units, paths, results, spec_of, progress, desc, executor)

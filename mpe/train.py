@@ -18,6 +18,7 @@ at once (stacked parameters, one vmapped step), for retraining sweeps.
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import math
@@ -32,7 +33,7 @@ from .data import AUGMENTATIONS, augmented
 
 __all__ = ["train", "train_many", "vectorisable", "stop_after", "predict", "nll_and_error", "OPTIMIZERS", "SCHEDULES",
            "PerExampleRecorder", "VisitRecorder", "LearningDifficulty", "el2n", "flat_params", "set_flat_params",
-           "l2_objective", "WORK", "work"]
+           "l2_objective", "WORK", "IN_JOB", "work"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon", "lbfgs")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
@@ -40,26 +41,31 @@ LOSSES = {"cross_entropy": F.cross_entropy,
           "squared": lambda out, y: 0.5 * (out - y).pow(2).reshape(len(out), -1).sum(1).mean()}
 
 WORK: list[dict] = []  # one row per training run in this process: what the run cost, for :func:`work`
+# True while a job of a sweep of mpe.retrain (run_jobs, run_specs) runs in this process: its runs are logged as jobs,
+# which a Dask executor would have spread over workers (mpe.workload's wall-clock estimate relies on which runs are)
+IN_JOB: contextvars.ContextVar[bool] = contextvars.ContextVar("IN_JOB", default=False)
 
 
 def _log_run(model: nn.Module, optimizer: str, n: int, batch_size: int | None, epochs: int, steps: int,
              vectorised: int = 1) -> None:
     WORK.append(dict(model=getattr(model, "model_name", type(model).__name__), optimizer=optimizer, n=n,
                      batch_size=n if batch_size is None else min(batch_size, n), epochs=epochs, steps=steps,
-                     vectorised=vectorised))
+                     vectorised=vectorised, job=IN_JOB.get()))
 
 
 def work(rows=None) -> dict:
     """The training done by :func:`train` and :func:`train_many` in this process (``rows``: default :data:`WORK`),
-    per model and batch size: ``{"<model> @ <batch size or full>": {"runs", "steps", "examples"}}``, with
-    ``examples`` the examples visited (epochs × n summed over runs) and ``steps`` the optimiser steps (an L-BFGS
-    iteration counts as one full-batch step and one visit of every example). Results loaded from a cache cost
-    nothing and are not counted; nor is work outside the training loop (Jacobians, kernels, posteriors)."""
+    per model and batch size: ``{"<model> @ <batch size or full>": {"runs", "steps", "examples", "jobs"}}``, with
+    ``examples`` the examples visited (epochs × n summed over runs), ``steps`` the optimiser steps (an L-BFGS
+    iteration counts as one full-batch step and one visit of every example) and ``jobs`` the runs trained as jobs of
+    a sweep (:data:`IN_JOB`). Results loaded from a cache cost nothing and are not counted; nor is work outside the
+    training loop (Jacobians, kernels, posteriors)."""
     out: dict = {}
     for r in WORK if rows is None else rows:
         batch = "full" if r["batch_size"] >= r["n"] else r["batch_size"]
-        t = out.setdefault(f"{r['model']} @ {batch}", dict(runs=0, steps=0, examples=0))
+        t = out.setdefault(f"{r['model']} @ {batch}", dict(runs=0, steps=0, examples=0, jobs=0))
         t["runs"] += 1
+        t["jobs"] += bool(r.get("job"))
         t["steps"] += r["steps"]
         t["examples"] += r["epochs"] * r["n"]
     return dict(sorted(out.items()))

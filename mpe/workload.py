@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from .retrain import CHUNK
 
 __all__ = ["Runs", "FORMULAS", "runs_of", "tally", "compare", "step_seconds", "model_size", "stackable", "stack_of",
-           "peak_bytes", "estimate", "ASSUMED_FLOPS", "ASSUMED_STEP_FLOOR_S", "STACK"]
+           "peak_bytes", "wall_hours", "estimate", "ASSUMED_FLOPS", "ASSUMED_STEP_FLOOR_S", "STACK"]
 
 ASSUMED_FLOPS = 20e12  # sustained float32/TF32 FLOP/s of one modern data-centre GPU (A100/H100 class) on these models
 ASSUMED_STEP_FLOOR_S = 2e-3  # a training step of a small model: kernel launches and Python, not arithmetic
@@ -50,7 +50,9 @@ class Runs:
     upper bound (full-batch L-BFGS iterations, which stop once converged; or runs that may coincide, as identical
     runs of a sweep are trained once). ``stacked``: a sweep of :mod:`mpe.retrain` (``run_specs(fit_subset)``,
     ``subset_fits``, ``retrained_outputs``), which on a GPU trains up to :data:`STACK` models of a vectorisable architecture per
-    vmapped step (:func:`mpe.train.train_many`)."""
+    vmapped step (:func:`mpe.train.train_many`). ``jobs``: the runs are jobs of such sweeps (``run_jobs``,
+    ``run_specs``; stacked runs always are), which a Dask executor spreads over workers, in ``sweeps`` calls of
+    equal size one after another; else the notebook's own process trains them one after another."""
     model: str
     count: int
     n: int
@@ -59,6 +61,8 @@ class Runs:
     bound: bool = False
     stacked: bool = False
     lbfgs: bool = False
+    jobs: bool = False
+    sweeps: int = 1
 
     @property
     def batch(self):
@@ -72,21 +76,26 @@ class Runs:
     def steps(self) -> int:
         return self.count * self.steps_per_run
 
+    @property
+    def spread(self) -> bool:
+        return self.jobs or self.stacked
 
-def lbfgs(model: str, count: int, n: int, iters: int) -> Runs:
+
+def lbfgs(model: str, count: int, n: int, iters: int, jobs: bool = False) -> Runs:
     """``count`` full-batch L-BFGS runs of at most ``iters`` iterations (one iteration: one step, all n examples)."""
-    return Runs(model, count, n, iters, None, bound=True, lbfgs=True)
+    return Runs(model, count, n, iters, None, bound=True, lbfgs=True, jobs=jobs)
 
 
 def tally(runs: list[Runs]) -> dict:
     """The runs summed as :func:`mpe.train.work` sums a run's training: {"<model> @ <batch>": {runs, steps,
-    examples, bound}}."""
+    examples, jobs, bound}}."""
     out: dict = {}
     for r in runs:
         if r.count == 0:
             continue
-        t = out.setdefault(f"{r.model} @ {r.batch}", dict(runs=0, steps=0, examples=0, bound=False))
+        t = out.setdefault(f"{r.model} @ {r.batch}", dict(runs=0, steps=0, examples=0, jobs=0, bound=False))
         t["runs"] += r.count
+        t["jobs"] += r.count * r.spread
         t["steps"] += r.steps
         t["examples"] += r.count * r.epochs * r.n
         t["bound"] |= r.bound
@@ -95,8 +104,8 @@ def tally(runs: list[Runs]) -> dict:
 
 def compare(expected: dict, measured: dict, rtol: float = 0.05) -> list[str]:
     """Where a formula's :func:`tally` and a run's measured :func:`mpe.train.work` disagree (empty: they agree).
-    Runs must match exactly, steps and examples within ``rtol`` (subset sizes from per-class rounding are not
-    known to a formula); for rows with a bound, each is at most the bound."""
+    Runs and the runs trained as a sweep's jobs must match exactly, steps and examples within ``rtol`` (subset sizes
+    from per-class rounding are not known to a formula); for rows with a bound, each is at most the bound."""
     problems = []
     for key in sorted(set(expected) | set(measured)):
         e, m = expected.get(key), measured.get(key)
@@ -105,6 +114,9 @@ def compare(expected: dict, measured: dict, rtol: float = 0.05) -> list[str]:
             continue
         if not (0 < m["runs"] <= e["runs"] if e["bound"] else m["runs"] == e["runs"]):
             problems.append(f"{key}: formula {'at most ' * e['bound']}{e['runs']} runs, measured {m['runs']}")
+        if not (m["jobs"] <= e["jobs"] if e["bound"] else m["jobs"] == e["jobs"]):
+            problems.append(f"{key}: formula {'at most ' * e['bound']}{e['jobs']} runs as a sweep's jobs, "
+                            f"measured {m['jobs']}")
         for what in ("steps", "examples"):
             ok = (0 < m[what] <= e[what]) if e["bound"] else abs(m[what] - e[what]) <= rtol * e[what]
             if not ok:
@@ -185,9 +197,9 @@ def _mpe_fig2(p):  # per panel: θ* by L-BFGS; warm-started L-BFGS retrains with
     runs = []      # reference on all the data; n_check of them again with check_iters; the paper's SGD retrain
     for m, n, fit, r, rit, paper in _per_panel(p, "models", "n_train", "fit_iters", "n_removed", "retrain_iters",
                                                 "paper_retrain"):
-        runs += [lbfgs(m, 1, n, fit), lbfgs(m, 1 + r, n, rit)]
+        runs += [lbfgs(m, 1, n, fit), lbfgs(m, 1 + r, n, rit, jobs=True)]
         if p["n_check"]:
-            runs.append(lbfgs(m, 1 + p["n_check"], n, p["check_iters"]))
+            runs.append(lbfgs(m, 1 + p["n_check"], n, p["check_iters"], jobs=True))
         if paper:
             runs.append(Runs(m, 1 + r, n - 1, p["paper_retrain_epochs"], 256, stacked=True))
     return runs
@@ -202,35 +214,35 @@ def _mpe_fig3a(p):
         runs += [Runs(m, s, n, fit, p["batch_size"]), Runs(m, s, n, re, p["batch_size"], stacked=True),
                  Runs(m, 10 * s, round(0.9 * n), re, p["batch_size"], stacked=True)]
         if p["converged_truth"]:
-            runs.append(lbfgs(m, 11, n, 200))
+            runs.append(lbfgs(m, 11, n, 200, jobs=True))
     return runs
 
 
 @formula("mpe-fig4")
 def _mpe_fig4(p):  # one L-BFGS fit per δ, per panel (MLP; softmax regression)
-    return [lbfgs(p["model"], p["n_deltas"], p["n_train"], p["fit_iters"]),
-            lbfgs("softmax_regression", p["n_deltas"], p["glm_n_train"], p["fit_iters"])]
+    return [lbfgs(p["model"], p["n_deltas"], p["n_train"], p["fit_iters"], jobs=True),
+            lbfgs("softmax_regression", p["n_deltas"], p["glm_n_train"], p["fit_iters"], jobs=True)]
 
 
 @formula("mpe-fig6")
 def _mpe_fig6(p):  # (a) USPS-like digits pair: θ*, a retrain per group + reference, check_groups with 3x the
     n_a = 360      # iterations; (b) the same on MNIST. n_a: the digits pair's examples (about 180 per digit);
     net = "Sequential"  # panel (a)'s network is built by mpe.models.mlp with the paper's widths
-    return [lbfgs(net, 1, n_a, p["fit_iters"]), lbfgs(net, 1 + p["n_groups"], n_a, p["retrain_iters"]),
-            lbfgs(net, 1 + p["check_groups"], n_a, 3 * p["retrain_iters"]),
+    return [lbfgs(net, 1, n_a, p["fit_iters"]), lbfgs(net, 1 + p["n_groups"], n_a, p["retrain_iters"], jobs=True),
+            lbfgs(net, 1 + p["check_groups"], n_a, 3 * p["retrain_iters"], jobs=True),
             lbfgs(p["b_model"], 1, p["b_n_train"], p["b_fit_iters"]),
-            lbfgs(p["b_model"], 1 + p["b_n_groups"], p["b_n_train"], p["b_retrain_iters"])]
+            lbfgs(p["b_model"], 1 + p["b_n_groups"], p["b_n_train"], p["b_retrain_iters"], jobs=True)]
 
 
 @formula("mpe-table1")
 def _mpe_table1(p):  # θ* by L-BFGS; iBLR, Adam and SGD runs; a warm-started L-BFGS retrain per removed example
     return [lbfgs(p["model"], 1, p["n_train"], 500), Runs(p["model"], 3, p["n_train"], p["epochs"], p["batch_size"]),
-            lbfgs(p["model"], 1 + p["n_removed"], p["n_train"], p["retrain_iters"])]
+            lbfgs(p["model"], 1 + p["n_removed"], p["n_train"], p["retrain_iters"], jobs=True)]
 
 
 # Sample regularity ------------------------------------------------------------------------------------------------
-def _ranking_runs(p, seeds="seeds", model="model"):  # mpe.regularity.unified_runs: one run per seed
-    return Runs(p[model], len(p[seeds]), p["n_train"], p["epochs"], p["batch_size"])
+def _ranking_runs(p, seeds="seeds", model="model", sweeps=1):  # mpe.regularity.unified_runs: one run per seed, jobs
+    return Runs(p[model], len(p[seeds]), p["n_train"], p["epochs"], p["batch_size"], jobs=True, sweeps=sweeps)
 
 
 @formula("regularity-distributions")
@@ -240,37 +252,37 @@ def _regularity_runs(p):
 
 
 @formula("regularity-toneva")
-def _regularity_toneva(p):  # the runs, and as many on the pixel-permuted images
-    return [_ranking_runs(p)] * (1 + bool(p["permuted"]))
+def _regularity_toneva(p):  # the runs, and as many on the pixel-permuted images (a sweep of one per seed)
+    return [_ranking_runs(p)] + [_ranking_runs(p, sweeps=len(p["seeds"]))] * bool(p["permuted"])
 
 
 @formula("regularity-noise")
-def _regularity_noise(p):  # one run on the noisy labels, one on the clean ones
-    return [Runs(p["model"], 2, p["n_train"], p["epochs"], p["batch_size"])]
+def _regularity_noise(p):  # one run on the noisy labels, then one on the clean ones
+    return [Runs(p["model"], 2, p["n_train"], p["epochs"], p["batch_size"], jobs=True, sweeps=2)]
 
 
 @formula("regularity-robustness")
-def _regularity_robustness(p):  # reference and seed variant; another batch size, learning rate and model (1 each)
-    n, e = p["n_train"], p["epochs"]
-    return [Runs(p["model"], len(p["seeds"]) + 1, n, e, p["batch_size"]), Runs(p["model"], 1, n, e, p["other_batch_size"]),
-            Runs(p["other_model"], 1, n, e, p["batch_size"])]
+def _regularity_robustness(p):  # reference and seed variant; then another batch size, learning rate and model (1 each)
+    n, e, b = p["n_train"], p["epochs"], p["batch_size"]
+    return [Runs(p["model"], len(p["seeds"]), n, e, b, jobs=True), Runs(p["model"], 1, n, e, p["other_batch_size"], jobs=True),
+            Runs(p["model"], 1, n, e, b, jobs=True), Runs(p["other_model"], 1, n, e, b, jobs=True)]
 
 
 @formula("regularity-testselection")
 def _regularity_testselection(p):  # the reference runs for CBGL; each zoo model once, zoo_epochs
-    return [_ranking_runs(p)] + [Runs(m, 1, p["n_train"], p["zoo_epochs"], p["batch_size"]) for m in p["zoo"]]
+    return [_ranking_runs(p)] + [Runs(m, 1, p["n_train"], p["zoo_epochs"], p["batch_size"], jobs=True) for m in p["zoo"]]
 
 
 @formula("regularity-fig4")
 def _regularity_fig4(p):  # ranking runs; per seed, three orders of two partitions, partition_epochs on each
     return [_ranking_runs(p), Runs(p["model"], 6 * len(p["seeds"]), p["partition"], p["partition_epochs"],
-                                   p["batch_size"], bound=True)]  # at most: fewer where f0 or fN is smaller
+                                   p["batch_size"], bound=True, jobs=True)]  # at most: fewer where f0 or fN is smaller
 
 
 @formula("regularity-cscore")
 def _regularity_cscore(p):  # hold-out runs on ⌊s N⌋ examples per ratio s (estimated C-scores only); one ranking run
     n = p["n_train"]
-    runs = [Runs(p["model"], 1, n, p["epochs"], p["batch_size"])]
+    runs = [Runs(p["model"], 1, n, p["epochs"], p["batch_size"], jobs=True)]
     if p["cscore_source"] == "holdout":
         runs += [Runs(p["model"], p["n_runs"], int(s * n), p["epochs"], p["batch_size"], stacked=True)
                  for s in p["ratios"]]
@@ -332,7 +344,7 @@ def _lpntk_difficulty(p):  # every quad-tree level's subsets; the equal-step con
     stretch = round(math.ceil(s[0] * k / b) / math.ceil(s[1] * k / b))
     equal = p["equal_step_subsets"] if stretch > 1 else 0  # with no stretch they are the level's own runs
     return [Runs(p["model"], s[0] // m, m * k, e, b, stacked=True) for m in s] + [
-        Runs(p["model"], equal, s[1] * k, e * stretch, b, stacked=True), Runs(p["model"], 1, s[0] * k, e, b)]
+        Runs(p["model"], equal, s[1] * k, e * stretch, b, stacked=True), Runs(p["model"], 1, s[0] * k, e, b, jobs=True)]
 
 
 @formula("lpntk-pruning")
@@ -391,9 +403,9 @@ def _continual(p, suite: str, n_methods: int, n_tuned: int) -> list[Runs]:
     """Each tuned method once per λ on the validation tasks (1 − val_frac of each task), each method once per seed
     on the tasks; every run trains the tasks in order."""
     model, sizes = _task_sizes(p, suite)
-    e, b = p["epochs"], p["batch_size"]
-    return [Runs(model, n_tuned * len(p["lams"]), n - max(1, int(p["val_frac"] * n)), e, b) for n in sizes] + [
-        Runs(model, n_methods * len(p["seeds"]), n, e, b) for n in sizes]
+    e, b = p["epochs"], p["batch_size"]  # every run a job (mpe.continual.continual_job): the tuning sweep, then the runs
+    return [Runs(model, n_tuned * len(p["lams"]), n - max(1, int(p["val_frac"] * n)), e, b, jobs=True)
+            for n in sizes] + [Runs(model, n_methods * len(p["seeds"]), n, e, b, jobs=True) for n in sizes]
 
 
 @formula("laftr-continual")
@@ -466,10 +478,12 @@ def stackable(model: str) -> bool:
     return vectorisable(get_model(model, shape, k, seed=0)) is None
 
 
-def stack_of(r: Runs) -> int:
-    """How many of ``r``'s runs share one step on a GPU: up to :data:`STACK` for a stacked sweep of a stackable
-    model, else 1."""
-    return min(r.count, STACK) if r.stacked and r.count > 1 and stackable(r.model) else 1
+def stack_of(r: Runs, count: int | None = None, gpus: int = 1) -> int:
+    """How many of ``r``'s runs (or of ``count`` of them, one sweep's) share one step on a GPU: up to :data:`STACK`
+    for a stacked sweep of a stackable model, else 1; over ``gpus`` GPUs, at most each one's share
+    (:func:`mpe.retrain.run_specs` cuts a sweep so)."""
+    count = r.count if count is None else count
+    return min(count, STACK, -(-count // gpus)) if r.stacked and count > 1 and stackable(r.model) else 1
 
 
 def peak_bytes(r: Runs) -> float | None:
@@ -506,27 +520,56 @@ def step_seconds(model: str, batch: int, table: dict | None = None) -> tuple[flo
     return max(ASSUMED_STEP_FLOOR_S, 3 * flops * batch / ASSUMED_FLOPS), True
 
 
-def estimate(runs: list[Runs], table: dict | None = None) -> dict:
+def _programs(r: Runs, count: int, table: dict | None, gpus: int = 1) -> tuple[int, float, float, bool]:
+    """``count`` of ``r``'s runs as programs for ``gpus`` GPUs: (how many train :func:`stack_of` models each, the
+    hours of one, the hours of the one left over with fewer models (0: none), whether the step time is known). One
+    step of m models is timed as one model's step at m times the batch: the same arithmetic in one launch sequence."""
+    m = stack_of(r, count, gpus)
+    batch = r.n if r.batch == "full" else r.batch_size
+
+    def hours(models):
+        t, known = step_seconds(r.model, models * batch, table)
+        return (max(t, LBFGS_ITERATION_FLOOR_S) if r.lbfgs else t) * r.steps_per_run / 3600, known
+
+    full, known = hours(m)
+    return count // m, full, hours(count % m)[0] if count % m else 0.0, known
+
+
+def wall_hours(r: Runs, gpus: int, table: dict | None = None) -> float:
+    """Hours until ``r``'s runs are trained with ``gpus`` GPUs. Runs the notebook trains itself, one after another:
+    their GPU-hours. A sweep's jobs (``r.spread``): in each of ``r.sweeps`` sweeps, one after another, its programs
+    (:func:`_programs`, a stacked sweep cut into a share per GPU) spread over the GPUs longest first, in waves of
+    ``gpus``: the full programs take ⌈full / gpus⌉ waves, and the smaller one left over a wave of its own only where
+    the full ones fill their last."""
+    if not r.spread:
+        full_count, full, rest, _ = _programs(r, r.count, table)
+        return full_count * full + rest
+    total = 0.0
+    for i in range(r.sweeps):
+        count = r.count // r.sweeps + (i < r.count % r.sweeps)
+        if count:
+            full_count, full, rest, _ = _programs(r, count, table, gpus)
+            total += math.ceil(full_count / gpus) * full + (rest if full_count % gpus == 0 else 0.0)
+    return total
+
+
+def estimate(runs: list[Runs], table: dict | None = None, gpus: int = 8) -> dict:
     """Totals of ``runs``: runs, steps, examples, GPU-hours (:func:`step_seconds` per row; the stacked runs of a
-    sweep as :func:`stack_of` models per step, one step of m models timed as one model's step at m times the batch:
-    the same arithmetic in one launch sequence), the largest :func:`peak_bytes` (GB) and the models whose time or
-    memory is only a lower bound."""
-    hours, unknown, peak = 0.0, set(), 0.0
+    sweep as :func:`stack_of` models per step, :func:`_programs`), the hours on ``gpus`` GPUs with a sweep's jobs
+    spread over them (:func:`wall_hours`; rows one after another), the largest :func:`peak_bytes` (GB) and the models
+    whose time or memory is only a lower bound."""
+    hours, wall, unknown, peak = 0.0, 0.0, set(), 0.0
     for r in runs:
-        m = stack_of(r)  # chunks of m models per step (the last one smaller): one model's step at m times the batch
-        batch = r.n if r.batch == "full" else r.batch_size
-        t, known = step_seconds(r.model, m * batch, table)
-        if r.lbfgs:
-            t = max(t, LBFGS_ITERATION_FLOOR_S)
-        rest = step_seconds(r.model, (r.count % m) * batch, table)[0] if r.count % m else 0.0
-        hours += ((r.count // m) * t + rest) * r.steps_per_run / 3600
+        full_count, full, rest, known = _programs(r, r.count, table)
+        hours += full_count * full + rest
+        wall += wall_hours(r, gpus, table)
         memory = peak_bytes(r)
         peak = max(peak, memory or 0.0)
         if not known or memory is None:
             unknown.add(r.model)
     return dict(runs=sum(r.count for r in runs), steps=sum(r.steps for r in runs),
-                examples=sum(r.count * r.epochs * r.n for r in runs), gpu_hours=hours, peak_gb=peak / 1e9,
-                lower_bound=sorted(unknown))
+                examples=sum(r.count * r.epochs * r.n for r in runs), gpu_hours=hours, wall_hours=wall,
+                peak_gb=peak / 1e9, lower_bound=sorted(unknown))
 
 
 # Comparison ------------------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_paper_claims_record_the_training_this_run_did(tmp_path, monkeypatch):
     c.add("true by construction", stats.exact(0), "<=", 0, source="sanity")
     c.report()
     WORK.clear()
-    assert json.loads(c.path.read_text())["work"] == {"lenet5 @ 64": dict(runs=1, steps=6, examples=300)}
+    assert json.loads(c.path.read_text())["work"] == {"lenet5 @ 64": dict(runs=1, steps=6, examples=300, jobs=0)}
 
 
 def test_a_failing_notebook_is_recorded_and_its_old_claims_not_counted(tmp_path, monkeypatch, capsys):

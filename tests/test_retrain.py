@@ -202,6 +202,34 @@ def digit_specs(evaluate="test_probs"):
             for k, s in runs]
 
 
+def test_a_sweep_is_cut_into_a_share_per_slot_of_the_cluster(monkeypatch):
+    """On a cluster, a group that trains together is cut into at least one unit per slot (a worker's thread), so no
+    worker idles while another trains the whole group; here it stays one unit of up to ``chunk``."""
+    import mpe.retrain as retrain
+
+    class Cluster:  # all that run_specs asks of a Dask client before it submits: its workers' threads
+        def nthreads(self):
+            return {"tcp://a": 1, "tcp://b": 1, "tcp://c": 1}
+
+    def units_of(executor, chunk=32):
+        seen = []
+
+        def execute(units, paths, results, *rest):
+            seen.extend(len(keys) for keys, *_ in units)
+            results.update(dict.fromkeys(paths))
+        monkeypatch.setattr(retrain, "_execute", execute)
+        run_specs(fit_subset, specs, None, executor=executor, progress=False, chunk=chunk)
+        return seen
+
+    monkeypatch.setattr(retrain, "_client", lambda executor: Cluster() if executor == "cluster" else None)
+    good = digit_specs()[0]
+    specs = [dict(good, seed=s) for s in range(7)]  # one group that trains together
+    assert units_of(None) == [7] and units_of(None, chunk=2) == [2, 2, 2, 1]
+    assert units_of("cluster") == [3, 3, 1] and units_of("cluster", chunk=2) == [2, 2, 2, 1]
+    specs = specs[:2]
+    assert units_of("cluster") == [1, 1]
+
+
 def test_a_group_that_does_not_train_together_is_run_and_cached_spec_by_spec(tmp_path):
     """Specs that train one by one (L-BFGS) are units of their own: a failing spec costs only itself, and each run
     is cached as it finishes. A vectorised group is one unit, and shares its fate."""

@@ -224,7 +224,8 @@ def test_augmentation_is_seeded_and_reaches_the_callbacks():
 
 def test_the_ledger_counts_runs_steps_and_examples_by_hand():
     """12 examples at batch 5: 3 steps per epoch; stop_after ends a 4-epoch run after 2; L-BFGS iterations are
-    full-batch steps; train_many logs one row per model; a model from the registry is counted by its name."""
+    full-batch steps; train_many logs one row per model; a model from the registry is counted by its name; a run
+    inside a sweep's job counts as a job."""
     from mpe.models import get_model
     from mpe.train import WORK, train_many, work
 
@@ -232,13 +233,19 @@ def test_the_ledger_counts_runs_steps_and_examples_by_hand():
     WORK.clear()
     train(model(), x, y, epochs=3, lr=0.1, batch_size=5)
     train(model(), x, y, epochs=4, lr=0.1, batch_size=5, callbacks=[stop_after(2)])
-    assert work() == {"Sequential @ 5": dict(runs=2, steps=3 * 3 + 2 * 3, examples=3 * 12 + 2 * 12)}
+    assert work() == {"Sequential @ 5": dict(runs=2, steps=3 * 3 + 2 * 3, examples=3 * 12 + 2 * 12, jobs=0)}
     state = train(model(), x, y, epochs=5, lr=1.0, optimizer="lbfgs")
-    assert work()["Sequential @ full"] == dict(runs=1, steps=state.step, examples=12 * state.step) and 0 < state.step <= 5
+    assert work()["Sequential @ full"] == dict(runs=1, steps=state.step, examples=12 * state.step, jobs=0)
+    assert 0 < state.step <= 5
     nets = [get_model("softmax_regression", (1, 1, 4), 3, seed=s) for s in range(3)]
     train_many(nets, x, y, [torch.arange(10)] * 3, epochs=2, lr=0.1, batch_size=4)
-    assert work()["softmax_regression @ 4"] == dict(runs=3, steps=3 * 2 * 3, examples=3 * 2 * 10)
+    assert work()["softmax_regression @ 4"] == dict(runs=3, steps=3 * 2 * 3, examples=3 * 2 * 10, jobs=0)
     assert [r["vectorised"] for r in WORK[-3:]] == [3, 3, 3]
+    from mpe.retrain import run_jobs
+
+    run_jobs({"one": lambda: train(model(), x, y, epochs=1, lr=0.1, batch_size=5).step}, None, progress=False)
+    train(model(), x, y, epochs=1, lr=0.1, batch_size=5)  # after the sweep: not a job
+    assert work()["Sequential @ 5"] == dict(runs=4, steps=3 * 3 + 2 * 3 + 2 * 3, examples=5 * 12 + 2 * 12, jobs=1)
     WORK.clear()
     assert work() == {}
 
