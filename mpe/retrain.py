@@ -5,7 +5,8 @@ data set, the model, the subset and the training recipe (:func:`fit_subset`, run
 hashes the spec, the torch version, the device type and only the code the job runs (:func:`code_fingerprint`: the
 function's module and the package modules it imports). Its result is written atomically to ``<cache>/<key>.pt``
 when it finishes, so running the same sweep again loads finished jobs and computes only the missing ones: an
-interrupted sweep resumes where it stopped. Jobs run in this process (default) or on the workers of a Dask cluster
+interrupted sweep resumes where it stopped. Processes that share a cache train a job once: one claims it, the others
+wait for its result (:func:`_claim`). Jobs run in this process (default) or on the workers of a Dask cluster
 (``executor=``, or the scheduler address in ``$MPE_DASK_SCHEDULER``): a ``distributed.LocalCluster`` with one
 worker per core or GPU, or a SLURM cluster from dask-jobqueue. Specs that differ only in subset and seed are trained
 together, many models in one vectorised program (:func:`mpe.train.train_many`), locally or on a worker.
@@ -16,12 +17,16 @@ zero-argument callables to :func:`run_jobs`; their key includes a fingerprint of
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import functools
 import hashlib
 import importlib
 import json
 import os
+import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -217,7 +222,13 @@ def _one(fn):
 def _execute(units: list, paths: dict, results: dict, specs: dict, progress: bool, desc: str, executor) -> None:
     """Run ``units`` [(keys, function, args)], each returning the results of its keys as a list, here or on a Dask
     cluster; store each result in ``results`` and at ``paths[key]`` (if not None) as its unit finishes; one progress
-    bar over jobs; :class:`JobsFailed` at the end names the keys of the units that raised, with ``specs[key]``."""
+    bar over jobs; :class:`JobsFailed` at the end names the keys of the units that raised, with ``specs[key]``.
+
+    Processes that share a cache (two notebooks under ``make -j`` that need the same runs, on one machine or on a
+    cluster's shared file system) train each job once: before a unit runs, this process claims each of its cached
+    keys (:func:`_claim`). A unit another process has claimed is left to it; once its claims are gone, its results
+    are read from the cache, or trained here where that process did not finish them (it failed, or died: a claim of
+    a dead process is void)."""
     if not units:
         return
     bar = None
@@ -225,43 +236,164 @@ def _execute(units: list, paths: dict, results: dict, specs: dict, progress: boo
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(keys) for keys, *_ in units), desc=f"{desc} ({len(results)} cached)")
-    failed = {}
+    failed, held = {}, set()
 
     def finish(keys, out, error=None):
         for i, key in enumerate(keys):
             if error is not None:
                 failed[key] = (specs.get(key), error)
-                continue
-            if paths[key] is not None:
-                save_result(paths[key], out[i])
-            results[key] = out[i]
+            else:
+                if paths[key] is not None:
+                    save_result(paths[key], out[i])
+                results[key] = out[i]
+            if key in held:
+                held.discard(key)
+                _unclaim(paths[key])
         if bar is not None:
             bar.update(len(keys))
 
+    def finished_elsewhere(keys) -> bool:  # every result is in the cache already: read it
+        if not all(paths[k] is not None and paths[k].exists() for k in keys):
+            return False
+        finish(keys, [torch.load(paths[k], weights_only=False) for k in keys])
+        return True
+
+    def claim(keys) -> bool:  # all of a unit's cached keys, or none
+        for key in keys:
+            if paths[key] is not None:
+                if not _claim(paths[key]):
+                    for k in keys:
+                        if k in held:
+                            held.discard(k)
+                            _unclaim(paths[k])
+                    return False
+                held.add(key)
+        return True
+
     client = _client(executor)
-    if client is None:
-        for keys, fn, args in units:
-            try:
-                out = _as_job(fn, *args)
-            except Exception as e:  # noqa: BLE001 - reported with the jobs' descriptions below
-                finish(keys, None, e)
-                continue
-            finish(keys, out)
-    else:
+
+    def run(todo):
+        if client is None:
+            for keys, fn, args in todo:
+                try:
+                    out = _as_job(fn, *args)
+                except Exception as e:  # noqa: BLE001 - reported with the jobs' descriptions below
+                    finish(keys, None, e)
+                    continue
+                finish(keys, out)
+            return
         from distributed import as_completed
 
         futures = {client.submit(_on_worker, fn, *args, pure=False, key=f"{desc}-{keys[0]}-{uuid.uuid4().hex[:6]}"):
-                   keys for keys, fn, args in units}
+                   keys for keys, fn, args in todo}
         for fut in as_completed(futures):
             if fut.status == "error":
                 finish(futures[fut], None, fut.exception())
             else:
                 finish(futures[fut], fut.result())
             fut.release()
-    if bar is not None:
-        bar.close()
+
+    try:
+        mine, theirs = [], []
+        for unit in units:
+            if not claim(unit[0]):
+                theirs.append(unit)
+            elif not finished_elsewhere(unit[0]):
+                mine.append(unit)
+        run(mine)
+        if theirs and bar is not None:
+            bar.set_postfix_str(f"waiting for another process's {sum(len(u[0]) for u in theirs)}")
+        while theirs:  # wait for the other process, then read what it cached, or take over what it left
+            time.sleep(CLAIM_POLL_S)
+            waiting = []
+            for unit in theirs:
+                if finished_elsewhere(unit[0]):
+                    continue
+                if claim(unit[0]):
+                    run([unit])
+                else:
+                    waiting.append(unit)
+            theirs = waiting
+    finally:
+        for key in held:
+            _unclaim(paths[key])
+        if bar is not None:
+            bar.close()
     if failed:
         raise JobsFailed(failed, len(results))
+
+
+CLAIM_POLL_S = 1.0  # how often a sweep looks whether the jobs another process claimed are done
+CLAIM_STALE_S = 600.0  # a claim from another machine not refreshed for this long is void: its process is gone
+_HEARTBEAT_S = 60.0  # how often a process refreshes the claims it holds
+_HELD: set = set()  # the claim files this process holds
+_HOST = socket.gethostname()
+
+
+def _claim_file(path: Path) -> Path:
+    return path.with_name(path.name + ".claim")
+
+
+def _claim(path: Path) -> bool:
+    """Claim the job whose result goes to ``path``: create ``<path>.claim`` (this machine's name and process id)
+    unless another process holds it. A claim is void once its process is gone: on this machine, where no process
+    has its id; from another machine, where it has not been refreshed for :data:`CLAIM_STALE_S` (a holder refreshes
+    its claims every minute). Where two processes void one claim at once, a job may be trained twice, and its result
+    is still whole (:func:`save_result`). Claims are plain files, not held locks, so that a sweep of thousands of
+    jobs holds no file descriptors."""
+    file = _claim_file(path)
+    for _ in range(2):
+        try:
+            fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _void(file):
+                return False
+            file.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{_HOST} {os.getpid()}")
+        _HELD.add(file)
+        _heartbeat()
+        return True
+    return False
+
+
+def _void(file: Path) -> bool:
+    """Whether the claim ``file`` no longer stands for a live process (see :func:`_claim`)."""
+    import psutil
+
+    try:
+        text, age = file.read_text(), time.time() - file.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    host, _, pid = text.partition(" ")
+    if host == _HOST and pid.isdigit():
+        if int(pid) == os.getpid():  # ours, and not held: left by an interrupted sweep of this process
+            return file not in _HELD
+        return not psutil.pid_exists(int(pid))
+    return age > CLAIM_STALE_S
+
+
+def _unclaim(path: Path) -> None:
+    """Give up the claim of ``path``'s job (where it is still this process's)."""
+    file = _claim_file(path)
+    _HELD.discard(file)
+    with contextlib.suppress(OSError):
+        if file.read_text() == f"{_HOST} {os.getpid()}":
+            file.unlink()
+
+
+@functools.cache
+def _heartbeat() -> None:
+    """Start, once per process, the thread that refreshes the claims this process holds every minute."""
+    def beat():
+        while True:
+            time.sleep(_HEARTBEAT_S)
+            for file in list(_HELD):
+                with contextlib.suppress(OSError):
+                    os.utime(file)
+
+    threading.Thread(target=beat, daemon=True, name="mpe-claims").start()
 
 
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold on 64-bit Linux (DEFAULT_MMAP_THRESHOLD_MAX)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -361,6 +363,74 @@ WRITER = textwrap.dedent("""
     for _ in range(25):
         save_result(path, torch.full((100_000,), value))
 """)
+
+
+SHARER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from mpe.retrain import run_jobs
+    cache, log, go = map(Path, sys.argv[1:])
+
+    def job():  # records that it trained, then waits for the test's go
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        while not go.exists():
+            time.sleep(0.05)
+        return 5
+    print("ready", flush=True)
+    print(run_jobs({"shared-job": job}, cache, progress=False)["shared-job"], flush=True)
+""")
+
+
+def test_two_processes_that_need_one_job_train_it_once(tmp_path):
+    """Two notebooks that share a cache (make -j) and need the same run: the second waits for the first's claim,
+    then reads its result; no claim file is left behind."""
+    cache, log, go = tmp_path / "cache", tmp_path / "log", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", SHARER, str(cache), str(log), str(go)], stdout=subprocess.PIPE,
+                             text=True)
+    while not log.exists():  # the first is training
+        assert first.poll() is None
+        time.sleep(0.05)
+    second = subprocess.Popen([sys.executable, "-c", SHARER, str(cache), str(log), str(go)], stdout=subprocess.PIPE,
+                              text=True)
+    assert second.stdout.readline() == "ready\n"  # it is about to ask for the job, which it would train alone
+    time.sleep(1.0)
+    go.touch()
+    assert [p.communicate(timeout=60)[0].split()[-1] for p in (first, second)] == ["5", "5"]
+    assert len(log.read_text().split()) == 1  # trained once
+    assert [p.name for p in cache.iterdir()] == ["shared-job.pt"]
+
+
+def test_a_claim_is_void_once_its_process_is_gone(tmp_path, monkeypatch):
+    import socket
+
+    from mpe import retrain
+
+    path = tmp_path / "job.pt"
+    file = tmp_path / "job.pt.claim"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for text, void in [(f"{socket.gethostname()} {gone.pid}", True), (f"{socket.gethostname()} {alive.pid}", False),
+                           (f"{socket.gethostname()} {os.getpid()}", True),  # this process's, but not held: left over
+                           ("another-machine 123", False)]:
+            file.write_text(text)
+            assert retrain._void(file) == void, text
+            assert retrain._claim(path) == void and (file.read_text() == f"{socket.gethostname()} {os.getpid()}") == void
+            retrain._unclaim(path)
+            assert file.exists() != void  # given up where it was ours; another's is left alone
+        old = time.time() - retrain.CLAIM_STALE_S - 1
+        os.utime(file, (old, old))  # another machine's claim that nobody refreshed: its process is gone
+        assert retrain._void(file)
+        # a claim whose process gives up without a result: the job is trained here once the claim is gone
+        file.write_text(f"{socket.gethostname()} {alive.pid}")
+        monkeypatch.setattr(retrain, "CLAIM_POLL_S", 0.05)
+        threading.Timer(0.5, file.unlink).start()
+        assert run_jobs({"job": lambda: 7}, tmp_path, progress=False) == {"job": 7}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["job.pt"]
+    finally:
+        alive.kill()
 
 
 def test_two_writers_of_one_key_never_install_a_corrupt_result(tmp_path):
