@@ -396,6 +396,10 @@ def _heartbeat() -> None:
     threading.Thread(target=beat, daemon=True, name="mpe-claims").start()
 
 
+if hasattr(os, "register_at_fork"):  # a forked child holds none of its parent's claims, nor its heartbeat thread
+    os.register_at_fork(after_in_child=lambda: (_HELD.clear(), _heartbeat.cache_clear()))
+
+
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold on 64-bit Linux (DEFAULT_MMAP_THRESHOLD_MAX)
 
 

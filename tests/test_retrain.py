@@ -433,6 +433,30 @@ def test_a_claim_is_void_once_its_process_is_gone(tmp_path, monkeypatch):
         alive.kill()
 
 
+def _claims_held(queue):
+    from mpe import retrain
+
+    queue.put(len(retrain._HELD))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_holds_none_of_its_parents_claims(tmp_path):
+    import multiprocessing
+
+    from mpe import retrain
+
+    assert retrain._claim(tmp_path / "job.pt")
+    try:
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_claims_held, args=(queue,))
+        child.start()
+        child.join(30)
+        assert queue.get(timeout=5) == 0 and len(retrain._HELD) >= 1
+    finally:
+        retrain._unclaim(tmp_path / "job.pt")
+
+
 def test_two_writers_of_one_key_never_install_a_corrupt_result(tmp_path):
     path = tmp_path / "key.pt"
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(v)], stderr=subprocess.PIPE)
