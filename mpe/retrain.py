@@ -225,10 +225,10 @@ def _execute(units: list, paths: dict, results: dict, specs: dict, progress: boo
     bar over jobs; :class:`JobsFailed` at the end names the keys of the units that raised, with ``specs[key]``.
 
     Processes that share a cache (two notebooks under ``make -j`` that need the same runs, on one machine or on a
-    cluster's shared file system) train each job once: before a unit runs, this process claims each of its cached
-    keys (:func:`_claim`). A unit another process has claimed is left to it; once its claims are gone, its results
-    are read from the cache, or trained here where that process did not finish them (it failed, or died: a claim of
-    a dead process is void)."""
+    cluster's shared file system) train each job once, and share the work: before a unit runs, this process claims
+    each of its cached keys (:func:`_claim`). A unit another process has claimed is left to it; once its claims are
+    gone, its results are read from the cache, or trained here where that process did not finish them (it failed,
+    or died: a claim of a dead process is void)."""
     if not units:
         return
     bar = None
@@ -295,12 +295,12 @@ def _execute(units: list, paths: dict, results: dict, specs: dict, progress: boo
 
     try:
         mine, theirs = [], []
-        for unit in units:
+        for unit in units:  # here, each unit is claimed as it comes up, so that two processes share a sweep's units
             if not claim(unit[0]):
                 theirs.append(unit)
             elif not finished_elsewhere(unit[0]):
-                mine.append(unit)
-        run(mine)
+                run([unit]) if client is None else mine.append(unit)
+        run(mine)  # on Dask, every unit this process claimed, at once
         if theirs and bar is not None:
             bar.set_postfix_str(f"waiting for another process's {sum(len(u[0]) for u in theirs)}")
         while theirs:  # wait for the other process, then read what it cached, or take over what it left

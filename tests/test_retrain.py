@@ -371,34 +371,42 @@ SHARER = textwrap.dedent("""
     from mpe.retrain import run_jobs
     cache, log, go = map(Path, sys.argv[1:])
 
-    def job():  # records that it trained, then waits for the test's go
-        with open(log, "a") as f:
-            f.write(f"{os.getpid()}\\n")
-        while not go.exists():
-            time.sleep(0.05)
-        return 5
+    def job(name):  # records who trains it, then waits for the test's go
+        def run():
+            with open(log, "a") as f:
+                f.write(f"{name}:{os.getpid()}\\n")
+            while not go.exists():
+                time.sleep(0.05)
+            return name
+        return run
     print("ready", flush=True)
-    print(run_jobs({"shared-job": job}, cache, progress=False)["shared-job"], flush=True)
+    out = run_jobs({name: job(name) for name in ("a", "b")}, cache, progress=False)
+    print(out["a"], out["b"], flush=True)
 """)
 
 
-def test_two_processes_that_need_one_job_train_it_once(tmp_path):
-    """Two notebooks that share a cache (make -j) and need the same run: the second waits for the first's claim,
-    then reads its result; no claim file is left behind."""
+def test_two_processes_that_need_one_sweep_share_it_and_train_each_job_once(tmp_path):
+    """Two notebooks that share a cache (make -j) and need the same two runs: while the first trains one, the second
+    takes the other; then each reads the other's result. No claim file is left behind."""
     cache, log, go = tmp_path / "cache", tmp_path / "log", tmp_path / "go"
-    first = subprocess.Popen([sys.executable, "-c", SHARER, str(cache), str(log), str(go)], stdout=subprocess.PIPE,
-                             text=True)
-    while not log.exists():  # the first is training
+
+    def start():
+        return subprocess.Popen([sys.executable, "-c", SHARER, str(cache), str(log), str(go)], stdout=subprocess.PIPE,
+                                text=True)
+
+    first = start()
+    while not log.exists():  # the first is training its first job
         assert first.poll() is None
         time.sleep(0.05)
-    second = subprocess.Popen([sys.executable, "-c", SHARER, str(cache), str(log), str(go)], stdout=subprocess.PIPE,
-                              text=True)
-    assert second.stdout.readline() == "ready\n"  # it is about to ask for the job, which it would train alone
-    time.sleep(1.0)
+    second = start()
+    deadline = time.time() + 60
+    while len(log.read_text().split()) < 2 and time.time() < deadline:  # the second takes the job left
+        time.sleep(0.05)
     go.touch()
-    assert [p.communicate(timeout=60)[0].split()[-1] for p in (first, second)] == ["5", "5"]
-    assert len(log.read_text().split()) == 1  # trained once
-    assert [p.name for p in cache.iterdir()] == ["shared-job.pt"]
+    assert [p.communicate(timeout=60)[0].split()[-2:] for p in (first, second)] == [["a", "b"]] * 2
+    trained = dict(line.split(":") for line in log.read_text().split())
+    assert len(log.read_text().split()) == 2 and trained["a"] == str(first.pid) and trained["b"] == str(second.pid)
+    assert sorted(p.name for p in cache.iterdir()) == ["a.pt", "b.pt"]
 
 
 def test_a_claim_is_void_once_its_process_is_gone(tmp_path, monkeypatch):
