@@ -525,6 +525,7 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
     its hours on ``gpus`` GPUs with its sweeps' jobs fanned out over them (:func:`mpe.workload.wall_hours`)."""
     if gpus < 1:
         raise ValueError(f"gpus must be at least 1, got {gpus}")
+    n_gpus = f"{gpus} GPU{'s' * (gpus != 1)}"
     import csv
 
     from . import workload
@@ -549,13 +550,13 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
              "Notebooks that also compute per-example quantities at scale take longer: mpe-fig9's training cell, "
              "its LOO trackers included, took 362 s on the H200 (figures/paper/README.md), against its training "
              "alone in this table. "
-             f"Hours on {gpus} GPUs: the jobs of each retraining sweep (`mpe.retrain.run_specs`, `run_jobs`) fanned out "
-             f"over {gpus} GPUs with Dask (README, Retraining sweeps), one worker per GPU, each training its share "
+             f"Hours on {n_gpus}: the jobs of each retraining sweep (`mpe.retrain.run_specs`, `run_jobs`) fanned out "
+             f"over {n_gpus} with Dask (README, Retraining sweeps), one worker per GPU, each training its share "
              "vectorised as above; the runs a notebook trains itself, and its sweeps, one after another. Every "
              "model the formula counts as a sweep's job is checked to be one in the shrunk paper profiles "
              "(tests/test_paper_profiles.py). Regenerate: `python -m mpe.harness cost`.",
              "",
-             "| figure | runs | optimiser steps | examples visited | GPU-hours | hours on " f"{gpus} GPUs | "
+             "| figure | runs | optimiser steps | examples visited | GPU-hours | hours on " f"{n_gpus} | "
              "GPU memory of one run (GB) | lower bound for |", "|---|---|---|---|---|---|---|---|"]
     total = wall = 0.0
     for nb in notebooks():
@@ -568,7 +569,7 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
             memory = f"{est['peak_gb']:.2g}" if est["peak_gb"] else "–"
             lines.append(f"| {figure_id(nb_id, v)} | {est['runs']:,} | {est['steps']:,} | {est['examples']:,} | "
                          f"{est['gpu_hours']:.3g} | {est['wall_hours']:.3g} | {memory} | {', '.join(est['lower_bound'])} |")
-    lines += ["", f"Total: about {total:.3g} GPU-hours; on {gpus} GPUs, one notebook after another, about {wall:.3g} "
+    lines += ["", f"Total: about {total:.3g} GPU-hours; on {n_gpus}, one notebook after another, about {wall:.3g} "
               "hours."]
     return "\n".join(lines) + "\n"
 

@@ -117,6 +117,8 @@ def test_hours_on_many_gpus_spread_a_sweeps_programs_in_waves():
         est = workload.estimate(runs, table, gpus=1)
         assert est["wall_hours"] == pytest.approx(est["gpu_hours"])
         assert workload.estimate(runs, table, gpus=8)["wall_hours"] <= est["gpu_hours"] * (1 + 1e-12)
+    with pytest.raises(ValueError, match="gpus must be at least 1"):
+        harness.cost("paper", gpus=0)
 
 
 def test_an_lbfgs_iteration_costs_at_least_its_measured_floor():
