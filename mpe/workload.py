@@ -20,8 +20,11 @@ for small models, whose steps are bound by kernel launches rather than arithmeti
 step is timed as one model's step at that many times the batch. An L-BFGS iteration takes at least
 :data:`LBFGS_ITERATION_FLOOR_S` (measured). Work outside the training loop (Jacobians, kernels,
 posteriors, PBRF solves) is not counted. The memory (:func:`peak_bytes`) is the training set, and four copies of the
-parameters and one minibatch's activations per model trained at once. ``python -m mpe.harness cost`` prints the
-table (figures/paper/COST.md).
+parameters and one minibatch's activations per model trained at once. On G GPUs (:func:`wall_hours`), a sweep's
+jobs spread over them with Dask, its programs cut into a share per GPU as :func:`mpe.retrain.run_specs` cuts them,
+while the runs a notebook trains itself take their GPU-hours; which runs are a sweep's jobs is part of each formula,
+and checked against the ledger like its runs. ``python -m mpe.harness cost`` prints the table
+(figures/paper/COST.md).
 """
 from __future__ import annotations
 
