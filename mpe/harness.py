@@ -552,9 +552,9 @@ def cost(profile: str = "paper", step_times: str | Path | None = STEP_TIMES, shr
              "alone in this table. "
              f"Hours on {n_gpus}: the jobs of each retraining sweep (`mpe.retrain.run_specs`, `run_jobs`) fanned out "
              f"over {n_gpus} with Dask (README, Retraining sweeps), one worker per GPU, each training its share "
-             "vectorised as above; the runs a notebook trains itself, and its sweeps, one after another. Every "
-             "model the formula counts as a sweep's job is checked to be one in the shrunk paper profiles "
-             "(tests/test_paper_profiles.py). Regenerate: `python -m mpe.harness cost`.",
+             "vectorised as above; the runs a notebook trains itself, and its sweeps, one after another. Which runs "
+             "each formula counts as a sweep's jobs is checked against what the shrunk paper profiles trained as "
+             "jobs (tests/test_paper_profiles.py). Regenerate: `python -m mpe.harness cost`.",
              "",
              "| figure | runs | optimiser steps | examples visited | GPU-hours | hours on " f"{n_gpus} | "
              "GPU memory of one run (GB) | lower bound for |", "|---|---|---|---|---|---|---|---|"]

@@ -36,8 +36,8 @@ from .train import (IN_JOB, LearningDifficulty, VisitRecorder, flat_params, nll_
                     train_many, vectorisable)
 
 __all__ = ["job_key", "tensor_digest", "run_jobs", "check_spec", "stash", "unstash", "warm_retrain", "retrained_outputs",
-           "default_cache", "subset_runs", "subset_fits", "vectorise_pays", "save_result", "load_cached", "JobsFailed",
-           "run_specs", "spec_key", "fit_subset", "fit_subsets", "code_fingerprint", "code_closure", "EVALUATIONS"]
+           "default_cache", "subset_runs", "subset_fits", "vectorise_pays", "save_result", "load_result", "load_cached",
+           "JobsFailed", "run_specs", "spec_key", "fit_subset", "fit_subsets", "code_fingerprint", "code_closure", "EVALUATIONS"]
 
 
 def default_cache(name: str) -> Path:
@@ -138,6 +138,11 @@ def save_result(path: Path, result) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def load_result(path: Path):
+    """The result :func:`save_result` wrote to ``path``: any object a job returns, so not a weights-only load."""
+    return torch.load(path, weights_only=False)
+
+
 def load_cached(keys, cache: Path | None) -> tuple[dict, dict]:
     """The results of ``keys`` already in ``cache`` ({key: result}) and the cache path of each missing key
     ({key: path, or None without a cache}), in the order of ``keys`` (repeated keys once). Creates ``cache``."""
@@ -148,7 +153,7 @@ def load_cached(keys, cache: Path | None) -> tuple[dict, dict]:
     for key in keys:
         path = cache / f"{key}.pt" if cache is not None else None
         if path is not None and path.exists():
-            results[key] = torch.load(path, weights_only=False)
+            results[key] = load_result(path)
         else:
             missing[key] = path
     return results, missing
@@ -255,7 +260,7 @@ def _execute(units: list, paths: dict, results: dict, specs: dict, progress: boo
     def finished_elsewhere(keys) -> bool:  # every result is in the cache already: read it
         if not all(paths[k] is not None and paths[k].exists() for k in keys):
             return False
-        finish(keys, [torch.load(paths[k], weights_only=False) for k in keys])
+        finish(keys, [load_result(paths[k]) for k in keys])
         return True
 
     def claim(keys) -> bool:  # all of a unit's cached keys, or none
