@@ -206,7 +206,8 @@ def _slots(executor) -> int:
 
 
 def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc: str = "jobs", executor=None) -> dict:
-    """Run ``jobs`` {key: zero-argument callable}, caching each result as ``cache/<key>.pt``; returns {key: result}.
+    """Run ``jobs`` {key: zero-argument callable}, caching each result as ``cache/<key>.pt``; returns {key: result} in
+    the order of ``jobs``.
 
     ``executor``: None or "local" runs the jobs here, one after another (unless ``$MPE_DASK_SCHEDULER`` names a
     Dask scheduler); a ``distributed.Client``, a cluster or a scheduler address runs them on its workers (the
@@ -217,7 +218,7 @@ def run_jobs(jobs: dict, cache: Path | None = None, progress: bool = True, desc:
     results, paths = load_cached(jobs, cache)
     units = [([key], _one, (jobs[key],)) for key in paths]
     _execute(units, paths, results, _SPECS, progress, desc, executor)
-    return results
+    return {key: results[key] for key in jobs}  # not in the order they finished in
 
 
 def _one(fn):

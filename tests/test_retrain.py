@@ -465,6 +465,11 @@ def test_a_forked_child_holds_none_of_its_parents_claims(tmp_path):
         retrain._unclaim(tmp_path / "job.pt")
 
 
+def test_run_jobs_returns_its_results_in_the_order_of_its_jobs(tmp_path):
+    run_jobs({"b": lambda: 2}, tmp_path, progress=False)  # cached first: it would come first in finishing order
+    assert list(run_jobs({"a": lambda: 1, "b": lambda: 1 / 0}, tmp_path, progress=False).items()) == [("a", 1), ("b", 2)]
+
+
 def test_two_writers_of_one_key_never_install_a_corrupt_result(tmp_path):
     path = tmp_path / "key.pt"
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(v)], stderr=subprocess.PIPE)
