@@ -244,12 +244,12 @@ def _execute(units: list, paths: dict, results: dict, specs: dict, progress: boo
         bar = tqdm(total=sum(len(keys) for keys, *_ in units), desc=f"{desc} ({len(results)} cached)")
     failed, held = {}, set()
 
-    def finish(keys, out, error=None):
+    def finish(keys, out, error=None, cached=False):
         for i, key in enumerate(keys):
             if error is not None:
                 failed[key] = (specs.get(key), error)
             else:
-                if paths[key] is not None:
+                if paths[key] is not None and not cached:
                     save_result(paths[key], out[i])
                 results[key] = out[i]
             if key in held:
@@ -261,7 +261,7 @@ def _execute(units: list, paths: dict, results: dict, specs: dict, progress: boo
     def finished_elsewhere(keys) -> bool:  # every result is in the cache already: read it
         if not all(paths[k] is not None and paths[k].exists() for k in keys):
             return False
-        finish(keys, [load_result(paths[k]) for k in keys])
+        finish(keys, [load_result(paths[k]) for k in keys], cached=True)
         return True
 
     def claim(keys) -> bool:  # all of a unit's cached keys, or none
